@@ -1,0 +1,1 @@
+"""A conversation store: users, conversations and messages as JSON over HTTP."""

@@ -1,0 +1,55 @@
+"""The application factory: settings -> engine (lifespan) -> middleware -> routes."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp
+
+from service.config import Settings, load_settings
+from service.lifespan import Lifespan
+from service.middleware import BearerAuthMiddleware, DBSessionMiddleware, RequestContextMiddleware
+from service.openapi import openapi_document, operation
+from service.problems import EXCEPTION_HANDLERS
+from service.routes import all_routes
+from service.routing import MethodRoute
+
+TITLE = "Conversation store"
+VERSION = "0.1.0"
+
+
+def _routes() -> list[BaseRoute]:
+    return [*all_routes(), MethodRoute("/openapi.json", GET=read_openapi)]
+
+
+@cache
+def _document() -> dict[str, Any]:
+    # Built on first use rather than at startup: routes never change in a process.
+    return openapi_document(_routes(), title=TITLE, version=VERSION)
+
+
+@operation("This document", response=None)
+async def read_openapi(request: Request) -> Response:
+    """The OpenAPI 3.1 description of every route, generated from the models."""
+    return JSONResponse(_document())
+
+
+def create_app(settings: Settings | None = None) -> ASGIApp:
+    """Build the ASGI app; with no settings given, read them from the environment."""
+    settings = settings if settings is not None else load_settings()
+    app = Starlette(
+        routes=_routes(),
+        middleware=[
+            Middleware(RequestContextMiddleware),
+            Middleware(BearerAuthMiddleware, api_keys=settings.api_keys),
+            Middleware(DBSessionMiddleware),
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
+    return Lifespan(app, settings=settings)

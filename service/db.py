@@ -1,0 +1,99 @@
+"""The database layer: the engine (pool and timeouts from settings), the one
+sessionmaker, and `init_db`."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlmodel import SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from service import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from service.config import Settings
+
+CONNECT_TIMEOUT_SECONDS = 5.0
+# Client-side bound on a command beyond the server's statement_timeout, so a
+# server that silently stops answering cannot hold a request forever.
+COMMAND_TIMEOUT_MARGIN_SECONDS = 1.0
+SQLITE_BUSY_TIMEOUT_SECONDS = 5.0
+# pg_advisory_xact_lock key that serialises init_db across workers and dynos.
+INIT_DB_LOCK_KEY = 0x5E55_1017
+
+
+def _postgres_connect_args(settings: Settings) -> dict[str, Any]:
+    statement_timeout = settings.db_statement_timeout_ms / 1000
+    if settings.db_pgbouncer:
+        # PgBouncer (transaction mode) rejects statement_timeout as a startup
+        # parameter and hands each transaction any server connection, so no
+        # server-side prepared statement may be reused: rely on the client
+        # timeout and give every statement a name of its own.
+        return {
+            "timeout": CONNECT_TIMEOUT_SECONDS,
+            "command_timeout": statement_timeout,
+            "statement_cache_size": 0,
+            "prepared_statement_cache_size": 0,
+            "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4()}__",
+        }
+    return {
+        "timeout": CONNECT_TIMEOUT_SECONDS,
+        "command_timeout": statement_timeout + COMMAND_TIMEOUT_MARGIN_SECONDS,
+        "server_settings": {"statement_timeout": str(settings.db_statement_timeout_ms)},
+    }
+
+
+def _configure_sqlite(dbapi_connection: DBAPIConnection, _: ConnectionPoolEntry) -> None:
+    """Per connection: SQLite enforces foreign keys (so ON DELETE CASCADE) only when
+    asked, and WAL lets readers go on while one request writes."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    """The process's one engine; its pool is sized by DB_POOL_SIZE and DB_MAX_OVERFLOW."""
+    if settings.is_postgres:
+        connect_args = _postgres_connect_args(settings)
+    else:
+        connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}
+    engine = create_async_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout,
+        connect_args=connect_args,
+    )
+    if not settings.is_postgres:
+        event.listen(engine.sync_engine, "connect", _configure_sqlite)
+    return engine
+
+
+def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Objects stay readable after commit, so handlers serialise them without a reload."""
+    return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+
+
+async def init_db(engine: AsyncEngine) -> None:
+    """Create missing tables. Idempotent; on PostgreSQL an advisory lock lets
+    several workers run it at once on an empty database."""
+    async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            await connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": INIT_DB_LOCK_KEY}
+            )
+        await connection.run_sync(SQLModel.metadata.create_all)
+
+
+def pool_status(engine: AsyncEngine) -> dict[str, int]:
+    """The pool's figures for /health: configured size, connections in use, overflow in use."""
+    pool: Any = engine.pool
+    return {
+        "size": pool.size(),
+        "checked_out": pool.checkedout(),
+        "overflow": max(pool.overflow(), 0),
+    }

@@ -1,0 +1,173 @@
+"""Every error a client can get, and how database failures map onto them.
+
+    ServiceError                  any error answered as application/problem+json
+    ├── BadRequest                400  body is not JSON, or not a JSON object
+    ├── Unauthorized              401  missing or unknown bearer token
+    ├── NotFound                  404  unknown route or id
+    ├── Conflict                  409  unique constraint, or a concurrent change
+    ├── PreconditionFailed        412  If-Match does not match
+    ├── PayloadTooLarge           413  body over MAX_BODY_BYTES
+    ├── UnsupportedMediaType      415  body is not application/json
+    ├── ValidationFailed          422  with a list of {loc, msg}
+    └── ServiceUnavailable        503  database unreachable, pool exhausted, timed out
+
+Handlers raise these; `service.problems` renders them, and turns database
+exceptions into them with `from_database_error`.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm.exc import StaleDataError
+
+RowT = TypeVar("RowT")
+RETRY_AFTER_SECONDS = 5
+# sqlstates that mean "try again later": connection lost, server shutting
+# down or overloaded, query cancelled by statement_timeout.
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57")
+# What drivers raise, unwrapped, when the server cannot be reached or stops answering.
+UNREACHABLE = (ConnectionError, TimeoutError, socket.gaierror)
+_UNIQUE_VIOLATION = "23505"
+_FOREIGN_KEY_VIOLATION = "23503"
+# What a unique index means to a client, by index name.
+UNIQUE_FIELDS: Mapping[str, tuple[str, str]] = {
+    "uq_users_email_lower": ("email", "a user with this email already exists"),
+}
+
+
+class ServiceError(Exception):
+    """Base class: an error with an HTTP status and a detail a person can act on."""
+
+    status: ClassVar[int] = 500
+
+    def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+    def extra(self) -> dict[str, Any]:
+        """Extension members added to the problem body."""
+        return {}
+
+
+class BadRequest(ServiceError):
+    status = 400
+
+
+class Unauthorized(ServiceError):
+    status = 401
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+def found(row: RowT | None, what: str) -> RowT:
+    """The row, or NotFound naming what was missing (crud returns None for that)."""
+    if row is None:
+        raise NotFound(f"{what} not found")
+    return row
+
+
+class Conflict(ServiceError):
+    status = 409
+
+
+class PreconditionFailed(ServiceError):
+    status = 412
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+
+
+class ValidationFailed(ServiceError):
+    status = 422
+
+    def __init__(self, errors: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__("the request is not valid; see errors")
+        self.errors = [{"loc": list(e["loc"]), "msg": str(e["msg"])} for e in errors]
+
+    @classmethod
+    def single(cls, loc: Sequence[str | int], msg: str) -> ValidationFailed:
+        return cls([{"loc": loc, "msg": msg}])
+
+    def extra(self) -> dict[str, Any]:
+        return {"errors": self.errors}
+
+
+class ServiceUnavailable(ServiceError):
+    status = 503
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE of a driver error wrapped by SQLAlchemy, when the driver gives one."""
+    orig = getattr(error, "orig", None)
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if code:
+            return str(code)
+    return None
+
+
+def _sqlite_error_name(error: BaseException) -> str:
+    orig = getattr(error, "orig", None)
+    return getattr(orig, "sqlite_errorname", "") if isinstance(orig, sqlite3.Error) else ""
+
+
+def is_foreign_key_violation(error: sa_exc.IntegrityError) -> bool:
+    return (
+        _sqlstate(error) == _FOREIGN_KEY_VIOLATION
+        or _sqlite_error_name(error) == "SQLITE_CONSTRAINT_FOREIGNKEY"
+    )
+
+
+def _unique_field(error: sa_exc.IntegrityError) -> tuple[str, str] | None:
+    text = str(error.orig)
+    for index_name, field in UNIQUE_FIELDS.items():
+        if index_name in text:
+            return field
+    return None
+
+
+def from_database_error(error: BaseException) -> ServiceError | None:
+    """The client-facing error for a database failure, or None if it is a bug (500)."""
+    if isinstance(error, sa_exc.TimeoutError):
+        return ServiceUnavailable("no database connection became free in time; retry later")
+    if isinstance(error, sa_exc.IntegrityError):
+        if is_foreign_key_violation(error):
+            return NotFound("the resource this refers to does not exist")
+        unique = _unique_field(error)
+        if unique is not None or _sqlstate(error) == _UNIQUE_VIOLATION:
+            return Conflict(unique[1] if unique else "this would duplicate an existing resource")
+        return None
+    if isinstance(error, StaleDataError):
+        return Conflict("the resource changed while this request updated it; retry")
+    if isinstance(error, UNREACHABLE):
+        return ServiceUnavailable("the database did not answer in time; retry later")
+    if isinstance(error, sa_exc.DBAPIError):
+        sqlstate = _sqlstate(error) or ""
+        if (
+            error.connection_invalidated
+            or isinstance(error, sa_exc.InterfaceError)
+            or sqlstate.startswith(_TRANSIENT_SQLSTATE_PREFIXES)
+            or isinstance(error.orig, UNREACHABLE)
+            or _sqlite_error_name(error) in {"SQLITE_BUSY", "SQLITE_LOCKED"}
+        ):
+            return ServiceUnavailable("the database is unavailable; retry later")
+    return None

@@ -1,0 +1,71 @@
+"""Reading what a request carries: a JSON body into a model, and If-Match."""
+
+from __future__ import annotations
+
+import json
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from service.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    PreconditionFailed,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+async def _read_limited(request: Request, max_bytes: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to be too large."""
+    too_large = PayloadTooLarge(f"the body is larger than {max_bytes} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large  # stop reading: the rest never needs to reach memory
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_body(request: Request, model: type[ModelT]) -> ModelT:
+    """Parse the body as `model`: 415 not JSON, 413 too large, 400 malformed, 422 invalid."""
+    if not _is_json(request.headers.get("content-type", "")):
+        raise UnsupportedMediaType("the body must be application/json")
+    body = await _read_limited(request, request.state.settings.max_body_bytes)
+    try:
+        data = json.loads(body)
+    except ValueError as exc:  # includes bodies that are not UTF-8
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ValidationFailed(
+            [{"loc": ["body", *error["loc"]], "msg": error["msg"]} for error in exc.errors()]
+        ) from None
+
+
+def check_if_match(request: Request, current_etag: str) -> None:
+    """412 unless If-Match is absent, `*`, or lists the current (strong) ETag."""
+    header = request.headers.get("if-match")
+    if header is None:
+        return
+    candidates = {tag.strip() for tag in header.split(",")}
+    if "*" not in candidates and current_etag not in candidates:
+        raise PreconditionFailed("the resource has changed since the ETag given in If-Match")

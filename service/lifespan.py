@@ -1,0 +1,106 @@
+"""The ASGI lifespan: engine up, database reachable, `init_db`, engine down.
+
+It is a plain ASGI layer rather than Starlette's lifespan hook so that a
+database that stays down ends startup with one clear line (sent as the
+`lifespan.startup.failed` message) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import anyio
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.config import Settings
+from service.db import create_engine, create_sessionmaker, init_db
+
+logger = logging.getLogger(__name__)
+# Well inside the 60 s a platform gives a process to bind its port.
+STARTUP_DEADLINE_SECONDS = 20.0
+FIRST_RETRY_DELAY_SECONDS = 0.25
+MAX_RETRY_DELAY_SECONDS = 2.0
+
+
+class StartupError(Exception):
+    """The service cannot start; the message is the one line to show the operator."""
+
+
+async def wait_for_database(
+    engine: AsyncEngine, *, deadline_seconds: float = STARTUP_DEADLINE_SECONDS
+) -> None:
+    """Retry one round trip with exponential backoff until it answers or time runs out."""
+    give_up_at = time.monotonic() + deadline_seconds
+    delay = FIRST_RETRY_DELAY_SECONDS
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+            return
+        except Exception as exc:
+            reason = _describe(exc)
+            if time.monotonic() + delay >= give_up_at:
+                raise StartupError(
+                    f"database {engine.url.render_as_string(hide_password=True)} did not answer "
+                    f"within {deadline_seconds:g} s ({attempt} attempts; last error: {reason})"
+                ) from exc
+            logger.warning("database not reachable yet (%s); retrying in %.2g s", reason, delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)
+
+
+def _describe(exc: BaseException) -> str:
+    """The driver's error class and first line (drivers never put the password there)."""
+    cause = getattr(exc, "orig", None) or exc
+    first_line = next(iter(str(cause).splitlines()), "")
+    return f"{type(cause).__name__}: {first_line}" if first_line else type(cause).__name__
+
+
+async def start(settings: Settings) -> AsyncEngine:
+    """Create the engine, wait for the database, and run init_db when INIT_DB is on."""
+    engine = create_engine(settings)
+    try:
+        await wait_for_database(engine)
+        if settings.init_db:
+            await init_db(engine)
+    except BaseException:
+        await engine.dispose()
+        raise
+    return engine
+
+
+class Lifespan:
+    """Handles the `lifespan` scope; everything else goes to the app.
+
+    On startup it puts `settings`, `engine` and `sessionmaker` in the lifespan
+    state, which the server copies into every request's scope.
+    """
+
+    def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        await receive()  # lifespan.startup
+        try:
+            engine = await start(self.settings)
+        except StartupError as exc:
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        if not self.settings.api_keys:
+            logger.warning("API_KEYS is not set: every route is open to anyone who can reach it")
+        scope.setdefault("state", {}).update(
+            settings=self.settings, engine=engine, sessionmaker=create_sessionmaker(engine)
+        )
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        await engine.dispose()
+        await send({"type": "lifespan.shutdown.complete"})

@@ -1,0 +1,137 @@
+"""Plain ASGI middleware: request context, bearer auth, and the per-request session.
+
+Order, outermost first: RequestContextMiddleware -> BearerAuthMiddleware ->
+DBSessionMiddleware -> Starlette's exception handling -> router. Each passes
+anything that is not HTTP (lifespan included) straight through, and keeps
+nothing per-request on `self`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import Sequence
+
+import anyio
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import Unauthorized
+from service.logs import REQUEST_ID
+from service.problems import internal_error_response, render_service_error
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("service.access")
+
+# Heroku's router passes on an incoming X-Request-ID of this shape, so we do too.
+VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9+/=-]{20,200}")
+
+
+def is_open_path(path: str) -> bool:
+    """Health checks stay reachable without a key: monitors and routers carry none."""
+    return path == "/health" or path.startswith("/health/")
+
+
+def with_state(scope: Scope, **values: object) -> Scope:
+    """A copy of the scope whose `state` adds `values`; the lifespan's dict is shared."""
+    return {**scope, "state": {**scope.get("state", {}), **values}}
+
+
+class RequestContextMiddleware:
+    """Request id, one access-log line per request, and the last-resort 500.
+
+    Being outermost, it is the one place that sees every response, so the
+    request id lands in every response header, problem body and log line.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = Headers(scope=scope).get("x-request-id", "")
+        request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+        scope = with_state(scope, request_id=request_id)
+        started_at = time.perf_counter()
+        status: int | None = None
+
+        async def send_with_request_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_request_id)
+        except ClientDisconnect:
+            status = status or 499  # nginx's code for "client closed request"; nothing to send
+        except Exception:
+            if status is not None:
+                raise  # the response is half sent; let the server cut the connection
+            logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            await internal_error_response(request_id)(scope, receive, send_with_request_id)
+        finally:
+            access_logger.info(
+                "%s %s %s %.1fms",
+                scope["method"],
+                scope["path"],
+                status or "-",
+                (time.perf_counter() - started_at) * 1000,
+            )
+            REQUEST_ID.reset(token)
+
+
+class BearerAuthMiddleware:
+    """Requires `Authorization: Bearer <key>` on every route but /health*, when keys are set."""
+
+    def __init__(self, app: ASGIApp, *, api_keys: Sequence[str]) -> None:
+        self.app = app
+        self.api_keys = [key.encode() for key in api_keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.api_keys or is_open_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and self._is_known(token.strip().encode()):
+            await self.app(scope, receive, send)
+            return
+        error = Unauthorized("a valid bearer token is required in the Authorization header")
+        await render_service_error(error, scope["state"]["request_id"])(scope, receive, send)
+
+    def _is_known(self, token: bytes) -> bool:
+        # Compare against every key, so the time taken does not tell which one nearly matched.
+        matches = [hmac.compare_digest(token, key) for key in self.api_keys]
+        return any(matches)
+
+
+class DBSessionMiddleware:
+    """Gives each HTTP request its own AsyncSession at `request.state.db`.
+
+    The session is closed after the response has been sent, also when the
+    handler raises or the client goes away; closing rolls back whatever the
+    handler did not commit and returns the connection to the pool. The close
+    is shielded so a cancelled request cannot leak its connection.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        session = scope["state"]["sessionmaker"]()
+        try:
+            await self.app(with_state(scope, db=session), receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await session.close()

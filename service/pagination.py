@@ -1,0 +1,101 @@
+"""Keyset pagination: an opaque cursor names the last row seen, never an offset,
+so pages stay stable while rows are added."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, tuple_
+from sqlalchemy.orm import InstrumentedAttribute
+from starlette.requests import Request
+
+from service.errors import ValidationFailed
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 200
+RowT = TypeVar("RowT", bound=Any)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """The sort key of the last row on a page: (timestamp, uid)."""
+
+    at: datetime
+    uid: uuid.UUID
+
+    def encode(self) -> str:
+        raw = json.dumps([self.at.isoformat(), self.uid.hex]).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str) -> Cursor:
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            at, uid = json.loads(raw)
+            cursor = cls(at=datetime.fromisoformat(at), uid=uuid.UUID(hex=uid))
+            if cursor.at.tzinfo is None:
+                raise ValueError("naive timestamp")
+        except (binascii.Error, ValueError, TypeError) as exc:
+            raise ValidationFailed.single(
+                ["query", "cursor"], "not a cursor this service issued"
+            ) from exc
+        return cursor
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    limit: int
+    after: Cursor | None
+
+    @classmethod
+    def from_request(cls, request: Request) -> PageRequest:
+        """Read `?limit=` (1-200, default 50) and `?cursor=`; a bad value is a 422."""
+        raw_limit = request.query_params.get("limit")
+        limit = DEFAULT_LIMIT
+        if raw_limit is not None:
+            if (
+                not raw_limit.isascii()
+                or not raw_limit.isdigit()
+                or not (1 <= int(raw_limit) <= MAX_LIMIT)
+            ):
+                raise ValidationFailed.single(
+                    ["query", "limit"], f"must be a whole number from 1 to {MAX_LIMIT}"
+                )
+            limit = int(raw_limit)
+        raw_cursor = request.query_params.get("cursor")
+        return cls(limit=limit, after=Cursor.decode(raw_cursor) if raw_cursor else None)
+
+
+def keyset(
+    statement: Select[Any],
+    *,
+    at: InstrumentedAttribute[datetime],
+    uid: InstrumentedAttribute[uuid.UUID],
+    page: PageRequest,
+    newest_first: bool = False,
+) -> Select[Any]:
+    """Order by (at, uid), start after the cursor, and fetch one row more than the
+    page holds to learn whether another page follows."""
+    if page.after is not None:
+        key, seen = tuple_(at, uid), tuple_(page.after.at, page.after.uid)
+        statement = statement.where(key < seen if newest_first else key > seen)
+    order = (at.desc(), uid.desc()) if newest_first else (at.asc(), uid.asc())
+    return statement.order_by(*order).limit(page.limit + 1)
+
+
+def split_page(
+    rows: Sequence[RowT], *, page: PageRequest, key: str
+) -> tuple[Sequence[RowT], str | None]:
+    """The rows to send and the cursor of the next page (None on the last page)."""
+    if len(rows) <= page.limit:
+        return rows, None
+    items = rows[: page.limit]
+    last = items[-1]
+    return items, Cursor(at=getattr(last, key), uid=last.uid).encode()

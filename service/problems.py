@@ -1,0 +1,97 @@
+"""The one place that renders errors: every error response is RFC 9457 problem+json."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from service.errors import UNREACHABLE, ServiceError, from_database_error
+
+logger = logging.getLogger(__name__)
+
+
+class ProblemResponse(JSONResponse):
+    media_type = "application/problem+json"
+
+
+def problem_response(
+    status: int,
+    *,
+    detail: str,
+    request_id: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, object] | None = None,
+) -> Response:
+    """Build the problem+json body; `type` is about:blank so `title` is the status phrase."""
+    body: dict[str, object] = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "request_id": request_id,
+        **(extra or {}),
+    }
+    return ProblemResponse(body, status_code=status, headers=headers)
+
+
+def render_service_error(error: ServiceError, request_id: str) -> Response:
+    return problem_response(
+        error.status,
+        detail=error.detail,
+        request_id=request_id,
+        headers=error.headers,
+        extra=error.extra(),
+    )
+
+
+def internal_error_response(request_id: str) -> Response:
+    """A 500 that says nothing about the cause: no traceback, SQL or secrets."""
+    return problem_response(
+        500, detail="the server failed to handle this request", request_id=request_id
+    )
+
+
+def _request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", "-"))
+
+
+async def handle_service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return render_service_error(exc, _request_id(request))
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    """The router's own 404 and 405 (with its Allow header)."""
+    assert isinstance(exc, HTTPException)
+    detail = {404: "no such resource", 405: f"{request.method} is not allowed here"}.get(
+        exc.status_code, str(exc.detail)
+    )
+    return problem_response(
+        exc.status_code,
+        detail=detail,
+        request_id=_request_id(request),
+        headers=dict(exc.headers or {}),
+    )
+
+
+async def handle_database_error(request: Request, exc: Exception) -> Response:
+    """Outages, timeouts and constraint violations become 4xx/503; anything else is a bug."""
+    error = from_database_error(exc)
+    if error is None:
+        raise exc
+    if error.status >= 500:
+        logger.warning("database unavailable: %s", type(exc).__name__)
+    return render_service_error(error, _request_id(request))
+
+
+EXCEPTION_HANDLERS = {
+    ServiceError: handle_service_error,
+    HTTPException: handle_http_exception,
+    SQLAlchemyError: handle_database_error,
+    **dict.fromkeys(UNREACHABLE, handle_database_error),
+}

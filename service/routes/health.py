@@ -1,0 +1,116 @@
+"""Health checks for the platform and monitors: /health (readiness) and /health/live."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from typing import Literal
+
+import anyio
+from pydantic import BaseModel, Field
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.db import pool_status
+from service.models import utc_now
+from service.openapi import operation
+from service.routing import MethodRoute
+
+logger = logging.getLogger(__name__)
+HEALTH_MEDIA_TYPE = "application/health+json"
+# Short enough that a monitor sees "fail" quickly when the database stops answering.
+HEALTH_TIMEOUT_SECONDS = 2.0
+Status = Literal["pass", "fail"]
+
+
+class ResponseTime(BaseModel):
+    componentType: str = "datastore"
+    status: Status
+    observedValue: float
+    observedUnit: Literal["ms"] = "ms"
+    time: datetime
+
+
+class PoolFigures(BaseModel):
+    size: int
+    checked_out: int
+    overflow: int
+
+
+class Readiness(BaseModel):
+    """draft-inadarei-api-health-check, plus the connection pool's figures."""
+
+    status: Status
+    checks: dict[str, list[ResponseTime]] = Field(
+        json_schema_extra={"required": ["database:responseTime"]}
+    )
+    pool: PoolFigures
+
+
+class Liveness(BaseModel):
+    status: Literal["pass"]
+
+
+def _health_response(body: BaseModel, status: int) -> Response:
+    return Response(
+        body.model_dump_json(),
+        status_code=status,
+        media_type=HEALTH_MEDIA_TYPE,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def _database_answers(engine: AsyncEngine) -> bool:
+    try:
+        with anyio.fail_after(HEALTH_TIMEOUT_SECONDS):
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+    except Exception as exc:  # any failure to answer is a "fail", whatever its kind
+        logger.warning("health check failed: %s", type(exc).__name__)
+        return False
+    return True
+
+
+@operation(
+    "Readiness: one database round trip",
+    response=Readiness,
+    also=(503,),
+    media_type=HEALTH_MEDIA_TYPE,
+    public=True,
+)
+async def read_health(request: Request) -> Response:
+    """200 and "pass" when the database answers in time, 503 and "fail" otherwise."""
+    engine: AsyncEngine = request.state.engine
+    started = time.perf_counter()
+    ok = await _database_answers(engine)
+    check = ResponseTime(
+        status="pass" if ok else "fail",
+        observedValue=round((time.perf_counter() - started) * 1000, 3),
+        time=utc_now(),
+    )
+    report = Readiness(
+        status=check.status,
+        checks={"database:responseTime": [check]},
+        pool=PoolFigures(**pool_status(engine)),
+    )
+    return _health_response(report, 200 if ok else 503)
+
+
+@operation(
+    "Liveness: never touches the database",
+    response=Liveness,
+    media_type=HEALTH_MEDIA_TYPE,
+    public=True,
+)
+async def read_liveness(request: Request) -> Response:
+    """200 while the process can serve requests at all."""
+    return _health_response(Liveness(status="pass"), 200)
+
+
+ROUTES = [
+    MethodRoute("/health", GET=read_health),
+    MethodRoute("/health/live", GET=read_liveness),
+]
