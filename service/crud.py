@@ -132,7 +132,7 @@ async def create_message(
 ) -> Message | None:
     """Add a message and bump its conversation's updated_at in the same transaction."""
     now = utc_now()
-    bumped = await session.execute(
+    bumped = await session.exec(
         update(Conversation)
         .where(Conversation.uid == conversation_uid)
         .values(updated_at=now)
