@@ -1,0 +1,183 @@
+"""Helpers shared by the tests: databases to test against and a real service process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+REPO = Path(__file__).resolve().parent.parent
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REQUIRE_POSTGRES = os.environ.get("REQUIRE_POSTGRES") == "1"
+# Every variable the service reads; tests start from none of them set.
+SERVICE_VARIABLES = (
+    "DATABASE_URL",
+    "PORT",
+    "WEB_CONCURRENCY",
+    "DB_POOL_SIZE",
+    "DB_MAX_OVERFLOW",
+    "DB_POOL_TIMEOUT",
+    "DB_STATEMENT_TIMEOUT_MS",
+    "DB_PGBOUNCER",
+    "INIT_DB",
+    "API_KEYS",
+    "MAX_BODY_BYTES",
+    "LOG_LEVEL",
+)
+
+
+def _plain_dsn(database_url: str) -> str:
+    """asyncpg wants a plain postgresql:// DSN, whatever driver the URL names."""
+    url = make_url(database_url).set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)
+
+
+async def _admin(sql: str) -> None:
+    await execute(POSTGRES_ADMIN_URL, sql)
+
+
+def postgres_available() -> bool:
+    try:
+        asyncio.run(_admin("SELECT 1"))
+    except (OSError, asyncpg.PostgresError):
+        return False
+    return True
+
+
+def require_postgres() -> None:
+    """Skip when PostgreSQL is absent, or fail when REQUIRE_POSTGRES=1 (as in CI)."""
+    if postgres_available():
+        return
+    message = f"PostgreSQL is not reachable at {make_url(POSTGRES_ADMIN_URL)!r}"
+    if REQUIRE_POSTGRES:
+        pytest.fail(f"{message} and REQUIRE_POSTGRES=1", pytrace=False)
+    pytest.skip(message)
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new, empty database for one test; its URL as a platform would give it."""
+    require_postgres()
+    name = f"svc_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def fetch_value(database_url: str, sql: str) -> object:
+    """One value straight from PostgreSQL, bypassing the service."""
+    connection = await asyncpg.connect(_plain_dsn(database_url), timeout=5)
+    try:
+        return await connection.fetchval(sql)
+    finally:
+        await connection.close()
+
+
+async def execute(database_url: str, sql: str) -> None:
+    """Run one or more statements straight on PostgreSQL, bypassing the service."""
+    connection = await asyncpg.connect(_plain_dsn(database_url), timeout=5)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServiceProcess:
+    process: subprocess.Popen[str]
+    base_url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+def wait_until_live(service: ServiceProcess, *, timeout: float = 20) -> None:
+    give_up_at = time.monotonic() + timeout
+    while time.monotonic() < give_up_at:
+        if service.process.poll() is not None:
+            raise AssertionError(f"service exited early:\n{service.log()}")
+        try:
+            if httpx.get(f"{service.base_url}/health/live", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"service did not come up in {timeout} s:\n{service.log()}")
+
+
+@contextmanager
+def running_service(
+    env: dict[str, str], *, command: str | None = None, tmp_path: Path, wait: bool = True
+) -> Iterator[ServiceProcess]:
+    """Start the service as a real process (by default the Procfile's web command)
+    on a free port, and stop it with SIGTERM at the end."""
+    port = free_port()
+    command = command or procfile_command("web")
+    log_path = tmp_path / f"service-{port}.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command,
+            shell=True,  # a Procfile line is a shell command
+            cwd=tmp_path,
+            env={**os.environ, **env, "PORT": str(port), "PATH": _path_with_venv()},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    service = ServiceProcess(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        if wait:
+            wait_until_live(service)
+        yield service
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def _path_with_venv() -> str:
+    """Put this interpreter first, so `python` in a Procfile line is the one under test."""
+    return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def procfile_command(process_type: str) -> str:
+    for line in (REPO / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        if name.strip() == process_type:
+            return command.strip()
+    raise AssertionError(f"Procfile has no {process_type}: line")

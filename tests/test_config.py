@@ -1,0 +1,181 @@
+"""Settings from the environment: URL forms, defaults, and bad values reported clearly."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.config import DEFAULT_DATABASE_URL, ConfigError, load_settings, normalize_database_url
+from tests.support import REPO, SERVICE_VARIABLES
+
+
+def test_defaults_match_the_contract() -> None:
+    settings = load_settings()
+
+    assert settings.database_url.render_as_string() == DEFAULT_DATABASE_URL
+    assert (settings.port, settings.web_concurrency) == (8000, 1)
+    assert (settings.db_pool_size, settings.db_max_overflow, settings.db_pool_timeout) == (5, 5, 5)
+    assert settings.db_statement_timeout_ms == 15000
+    assert settings.db_pgbouncer is False
+    assert settings.init_db is True
+    assert settings.api_keys == ()
+    assert settings.max_body_bytes == 1048576
+    assert settings.log_level == "info"
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgres://u:p@db.example:5432/app", "postgresql+asyncpg://u:p@db.example:5432/app"),
+        ("postgresql://u:p@db.example/app", "postgresql+asyncpg://u:p@db.example/app"),
+        ("postgresql+asyncpg://u@h/app", "postgresql+asyncpg://u@h/app"),
+        ("postgres://u:p@h/app?sslmode=require", "postgresql+asyncpg://u:p@h/app?ssl=require"),
+        ("sqlite:///./local.db", "sqlite+aiosqlite:///./local.db"),
+        ("sqlite+aiosqlite:////tmp/x.db", "sqlite+aiosqlite:////tmp/x.db"),
+    ],
+)
+def test_database_url_forms(given: str, expected: str) -> None:
+    assert normalize_database_url(given).render_as_string(hide_password=False) == expected
+
+
+def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {
+        "DATABASE_URL": "postgres://u:secret@h/app",
+        "PORT": "5001",
+        "WEB_CONCURRENCY": "3",
+        "DB_POOL_SIZE": "7",
+        "DB_MAX_OVERFLOW": "0",
+        "DB_POOL_TIMEOUT": "2.5",
+        "DB_STATEMENT_TIMEOUT_MS": "900",
+        "DB_PGBOUNCER": "true",
+        "INIT_DB": "false",
+        "API_KEYS": "k1, k2,,",
+        "MAX_BODY_BYTES": "2048",
+        "LOG_LEVEL": "DEBUG",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+    settings = load_settings()
+
+    assert settings.safe_database_url == "postgresql+asyncpg://u:***@h/app"
+    assert (settings.port, settings.web_concurrency) == (5001, 3)
+    assert (settings.db_pool_size, settings.db_max_overflow, settings.db_pool_timeout) == (
+        7,
+        0,
+        2.5,
+    )
+    assert settings.db_statement_timeout_ms == 900
+    assert settings.db_pgbouncer is True
+    assert settings.init_db is False
+    assert settings.api_keys == ("k1", "k2")
+    assert settings.max_body_bytes == 2048
+    assert settings.log_level == "debug"
+
+
+def test_dot_env_in_the_working_directory_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("PORT=6123\nLOG_LEVEL=warning\n")
+
+    settings = load_settings()
+
+    assert settings.port == 6123
+    assert settings.log_level == "warning"
+
+
+def test_environment_wins_over_dot_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".env").write_text("PORT=6123\n")
+    monkeypatch.setenv("PORT", "7000")
+
+    assert load_settings().port == 7000
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DATABASE_URL", "mysql://root@localhost/app"),
+        ("DATABASE_URL", "not a url"),
+        ("PORT", "eighty"),
+        ("PORT", "70000"),
+        ("WEB_CONCURRENCY", "0"),
+        ("WEB_CONCURRENCY", "many"),
+        ("DB_POOL_SIZE", "0"),
+        ("DB_MAX_OVERFLOW", "-1"),
+        ("DB_POOL_TIMEOUT", "0"),
+        ("DB_POOL_TIMEOUT", "soon"),
+        ("DB_STATEMENT_TIMEOUT_MS", "1.5"),
+        ("DB_PGBOUNCER", "maybe"),
+        ("INIT_DB", "perhaps"),
+        ("MAX_BODY_BYTES", "0"),
+        ("LOG_LEVEL", "loud"),
+    ],
+)
+def test_a_bad_value_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+
+    assert len(raised.value.lines) == 1
+    assert raised.value.lines[0].startswith(f"{name}: ")
+
+
+def test_every_bad_variable_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "x")
+    monkeypatch.setenv("WEB_CONCURRENCY", "y")
+    monkeypatch.setenv("DATABASE_URL", "redis://localhost")
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+
+    assert [line.split(":")[0] for line in raised.value.lines] == [
+        "DATABASE_URL",
+        "PORT",
+        "WEB_CONCURRENCY",
+    ]
+
+
+@pytest.mark.parametrize("command", [["serve"], ["init-db"]])
+def test_the_command_line_stops_with_one_line_per_bad_variable(
+    tmp_path: Path, command: list[str]
+) -> None:
+    env = {"PATH": "/usr/bin:/bin", "PORT": "abc", "WEB_CONCURRENCY": "-2"}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "service", *command],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "configuration error: PORT: Not a valid integer.",
+        "configuration error: WEB_CONCURRENCY: Must be greater than or equal to 1.",
+    ]
+    assert "Traceback" not in result.stderr
+    assert "--port" not in result.stderr
+
+
+def test_dot_env_example_lists_every_variable_and_works_as_is() -> None:
+    example = REPO / ".env.example"
+    listed = {
+        line.lstrip("# ").split("=")[0]
+        for line in example.read_text().splitlines()
+        if re.match(r"^#? ?[A-Z_]+=", line)
+    }
+
+    settings = load_settings(env_file=example)
+
+    assert listed == set(SERVICE_VARIABLES)
+    assert settings.database_url.render_as_string() == DEFAULT_DATABASE_URL
+    assert settings.api_keys == ()

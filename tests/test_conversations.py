@@ -1,0 +1,98 @@
+"""Conversations: owned by a user, listed most recently updated first."""
+
+from __future__ import annotations
+
+import uuid
+
+from starlette.testclient import TestClient
+
+from tests.factories import create_conversation, create_message, create_user
+
+
+def test_create_conversation_for_a_user(client: TestClient) -> None:
+    user = create_user(client)
+
+    response = client.post(f"/users/{user['uid']}/conversations", json={"title": "Engines"})
+
+    assert response.status_code == 201
+    conversation = response.json()
+    assert response.headers["location"] == f"/conversations/{conversation['uid']}"
+    assert conversation["user_uid"] == user["uid"]
+    assert conversation["title"] == "Engines"
+    assert client.get(response.headers["location"]).json() == conversation
+
+
+def test_conversation_for_a_missing_user_is_404(client: TestClient) -> None:
+    response = client.post(f"/users/{uuid.uuid4()}/conversations", json={"title": "x"})
+    listing = client.get(f"/users/{uuid.uuid4()}/conversations")
+
+    assert response.status_code == 404
+    assert listing.status_code == 404
+
+
+def test_adding_a_message_bumps_the_conversation(client: TestClient) -> None:
+    user = create_user(client)
+    conversation = create_conversation(client, user["uid"])
+
+    message = create_message(client, conversation["uid"])
+
+    after = client.get(f"/conversations/{conversation['uid']}").json()
+    assert after["updated_at"] == message["created_at"]
+    assert after["updated_at"] > conversation["updated_at"]
+
+
+def test_list_is_most_recently_updated_first_and_pages(client: TestClient) -> None:
+    user = create_user(client)
+    first, second, third = (create_conversation(client, user["uid"], f"c{i}") for i in range(3))
+    create_message(client, first["uid"])  # first is now the most recently updated
+    other_user = create_user(client)
+    create_conversation(client, other_user["uid"])
+
+    page_one = client.get(f"/users/{user['uid']}/conversations", params={"limit": 2}).json()
+    page_two = client.get(
+        f"/users/{user['uid']}/conversations",
+        params={"limit": 2, "cursor": page_one["next_cursor"]},
+    ).json()
+
+    order = [c["uid"] for c in page_one["items"] + page_two["items"]]
+    assert order == [first["uid"], third["uid"], second["uid"]]
+    assert page_two["next_cursor"] is None
+
+
+def test_patch_conversation_title_with_if_match(client: TestClient) -> None:
+    conversation = create_conversation(client, create_user(client)["uid"])
+    path = f"/conversations/{conversation['uid']}"
+    etag = client.get(path).headers["etag"]
+
+    renamed = client.patch(path, json={"title": "Renamed"}, headers={"If-Match": etag})
+    stale = client.patch(path, json={"title": "Again"}, headers={"If-Match": etag})
+
+    assert renamed.status_code == 200
+    assert renamed.json()["title"] == "Renamed"
+    assert stale.status_code == 412
+    assert client.get(path).json()["title"] == "Renamed"
+
+
+def test_server_set_fields_cannot_be_patched(client: TestClient) -> None:
+    conversation = create_conversation(client, create_user(client)["uid"])
+
+    response = client.patch(
+        f"/conversations/{conversation['uid']}", json={"user_uid": str(uuid.uuid4())}
+    )
+
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"] == ["body", "user_uid"]
+
+
+def test_delete_conversation_removes_its_messages_only(client: TestClient) -> None:
+    user = create_user(client)
+    doomed = create_conversation(client, user["uid"])
+    kept = create_conversation(client, user["uid"])
+    doomed_message = create_message(client, doomed["uid"])
+    kept_message = create_message(client, kept["uid"])
+
+    assert client.delete(f"/conversations/{doomed['uid']}").status_code == 204
+
+    assert client.get(f"/messages/{doomed_message['uid']}").status_code == 404
+    assert client.get(f"/messages/{kept_message['uid']}").status_code == 200
+    assert client.get(f"/users/{user['uid']}").status_code == 200

@@ -1,0 +1,236 @@
+"""The session middleware, request context and auth, each on a tiny app built here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import select
+from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from service.config import Settings
+from service.db import create_engine, create_sessionmaker, init_db
+from service.lifespan import Lifespan
+from service.middleware import DBSessionMiddleware, RequestContextMiddleware
+from service.models import User, utc_now
+from service.problems import EXCEPTION_HANDLERS
+
+Message = dict[str, Any]
+
+
+class Probe:
+    """Records the sessions handlers were given, to check on them afterwards."""
+
+    def __init__(self) -> None:
+        self.sessions: list[AsyncSession] = []
+        self.streaming = asyncio.Event()
+
+    def app(self) -> Starlette:
+        async def ok(request: Request) -> Response:
+            await self._use(request)
+            return JSONResponse({"ok": True})
+
+        async def boom(request: Request) -> Response:
+            await self._use(request)
+            raise RuntimeError("password=hunter2 SELECT secret FROM vault")
+
+        async def uncommitted(request: Request) -> Response:
+            session = await self._use(request)
+            now = utc_now()
+            session.add(
+                User(
+                    username="ghost",
+                    email="ghost@example.com",
+                    first_name="G",
+                    last_name="H",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            await session.flush()
+            return JSONResponse({"flushed": True})
+
+        async def stream(request: Request) -> Response:
+            session = await self._use(request)
+
+            async def rows() -> AsyncIterator[bytes]:
+                for n in range(10_000):
+                    await session.exec(select(User).limit(1))
+                    self.streaming.set()
+                    yield f"{n}\n".encode()
+                    await asyncio.sleep(0.01)
+
+            return StreamingResponse(rows())
+
+        async def slow(request: Request) -> Response:
+            await self._use(request)
+            await asyncio.sleep(0.5)
+            return JSONResponse({"late": True})
+
+        return Starlette(
+            routes=[
+                Route("/ok", ok),
+                Route("/boom", boom),
+                Route("/uncommitted", uncommitted),
+                Route("/stream", stream),
+                Route("/slow", slow),
+            ],
+            middleware=[Middleware(RequestContextMiddleware), Middleware(DBSessionMiddleware)],
+            exception_handlers=EXCEPTION_HANDLERS,
+        )
+
+    async def _use(self, request: Request) -> AsyncSession:
+        session: AsyncSession = request.state.db
+        self.sessions.append(session)
+        await session.exec(text("SELECT 1"))  # type: ignore[call-overload]
+        return session
+
+
+@asynccontextmanager
+async def engine_for(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """An engine on the running event loop (asyncpg connections belong to one loop)."""
+    engine = create_engine(settings)
+    await init_db(engine)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def call(
+    app: Starlette, engine: AsyncEngine, path: str, *, disconnect_after: float | None = None
+) -> list[Message]:
+    """Drive the ASGI app by hand, as a server would, optionally with a client that
+    goes away mid-request."""
+    sent: list[Message] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [],
+        "server": ("test", 80),
+        "client": ("test", 1),
+        "state": {"sessionmaker": create_sessionmaker(engine)},
+    }
+    requested = False
+
+    async def receive() -> Message:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        if disconnect_after is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(disconnect_after or 0)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+def assert_closed(probe: Probe, engine: AsyncEngine) -> None:
+    assert probe.sessions, "the handler never ran"
+    assert all(not session.in_transaction() for session in probe.sessions)
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_session_closed_after_a_normal_response(settings: Settings) -> None:
+    async def scenario() -> None:
+        probe = Probe()
+        async with engine_for(settings) as engine:
+            sent = await call(probe.app(), engine, "/ok")
+            assert sent[0]["status"] == 200
+            assert_closed(probe, engine)
+
+    asyncio.run(scenario())
+
+
+def test_session_closed_when_the_handler_raises(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        probe = Probe()
+        async with engine_for(settings) as engine:
+            sent = await call(probe.app(), engine, "/boom")
+            assert sent[0]["status"] == 500
+            body = sent[1]["body"].decode()
+            assert "hunter2" not in body and "SELECT" not in body and "Traceback" not in body
+            assert_closed(probe, engine)
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(scenario())
+    assert "RuntimeError" in caplog.text  # the operator still sees what happened
+
+
+def test_uncommitted_work_is_rolled_back_at_close(settings: Settings) -> None:
+    async def scenario() -> None:
+        probe = Probe()
+        async with engine_for(settings) as engine:
+            await call(probe.app(), engine, "/uncommitted")
+            assert_closed(probe, engine)
+            async with AsyncSession(engine) as session:
+                assert (await session.exec(select(User))).all() == []
+
+    asyncio.run(scenario())
+
+
+def test_session_closed_when_a_streaming_client_disconnects(settings: Settings) -> None:
+    async def scenario() -> None:
+        probe = Probe()
+        async with engine_for(settings) as engine:
+            sent = await call(probe.app(), engine, "/stream", disconnect_after=0.2)
+            assert sent[0]["status"] == 200
+            assert probe.streaming.is_set()
+            assert len(sent) < 1_000  # the stream was cut short by the disconnect
+            assert_closed(probe, engine)
+
+    asyncio.run(scenario())
+
+
+def test_session_closed_when_the_request_is_cancelled(settings: Settings) -> None:
+    """Cancelled from outside (a server on disconnect or shutdown, a timeout): anyio's
+    cancellation repeats at every await in the scope, so only a shielded close runs."""
+
+    async def scenario() -> None:
+        probe = Probe()
+        async with engine_for(settings) as engine:
+            with anyio.move_on_after(0.1) as scope:
+                await call(probe.app(), engine, "/slow")
+            assert scope.cancelled_caught
+            assert_closed(probe, engine)
+
+    asyncio.run(scenario())
+
+
+def test_the_session_lives_on_a_per_request_copy_of_the_state(settings: Settings) -> None:
+    probe = Probe()
+
+    with TestClient(Lifespan(probe.app(), settings=settings)) as client:
+        client.get("/ok")
+        client.get("/ok")
+        shared_state = client.app_state
+
+    assert "sessionmaker" in shared_state
+    assert "db" not in shared_state
+    assert probe.sessions[0] is not probe.sessions[1]

@@ -1,0 +1,180 @@
+"""Against a real uvicorn process started from the Procfile's web command."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.factories import user_body
+from tests.proxy import Mode, TcpProxy
+from tests.support import execute, fetch_value, running_service
+
+
+def test_procfile_web_serves_on_the_embedded_default(tmp_path: Path) -> None:
+    """No DATABASE_URL at all: the SQLite default, created in the working directory."""
+    with running_service({}, tmp_path=tmp_path) as service:
+        created = httpx.post(f"{service.base_url}/users", json=user_body())
+        read = httpx.get(f"{service.base_url}{created.headers['location']}")
+        health = httpx.get(f"{service.base_url}/health")
+
+    assert created.status_code == 201
+    assert read.json() == created.json()
+    assert health.status_code == 200
+    assert health.headers["content-type"] == "application/health+json"
+    assert health.headers["cache-control"] == "no-store"
+    assert health.json()["status"] == "pass"
+    assert (tmp_path / "service.db").exists()
+
+
+def test_procfile_web_serves_on_the_database_given(database_url: str, tmp_path: Path) -> None:
+    with running_service({"DATABASE_URL": database_url}, tmp_path=tmp_path) as service:
+        created = httpx.post(f"{service.base_url}/users", json=user_body())
+        read = httpx.get(f"{service.base_url}/users/{created.json()['uid']}")
+        health = httpx.get(f"{service.base_url}/health").json()
+
+    assert created.status_code == 201
+    assert read.status_code == 200
+    assert health["status"] == "pass"
+    check = health["checks"]["database:responseTime"][0]
+    assert check["status"] == "pass"
+    assert check["observedUnit"] == "ms"
+    assert health["pool"] == {"size": 5, "checked_out": 0, "overflow": 0}
+
+
+def test_streamed_body_over_the_limit_is_413_without_reading_it_all(tmp_path: Path) -> None:
+    with running_service({"MAX_BODY_BYTES": "1000"}, tmp_path=tmp_path) as service:
+        port = int(service.base_url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /users HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+            sent = 0
+            sock.setblocking(False)
+            reply = b""
+            deadline = time.monotonic() + 10
+            while b"\r\n\r\n" not in reply and time.monotonic() < deadline and sent < 10_000_000:
+                try:
+                    sock.send(b"64\r\n" + b" " * 100 + b"\r\n")
+                    sent += 100
+                except BlockingIOError:
+                    time.sleep(0.01)
+                with contextlib.suppress(BlockingIOError):
+                    reply += sock.recv(65536)
+
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert sent < 1_000_000  # answered long before a megabyte: the body was not all read
+
+
+def test_fifty_concurrent_creates_with_one_email(database_url: str, tmp_path: Path) -> None:
+    body = user_body(email="race@example.com")
+
+    async def race(base_url: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            responses = await asyncio.gather(*(client.post("/users", json=body) for _ in range(50)))
+        return [response.status_code for response in responses]
+
+    with running_service({"DATABASE_URL": database_url}, tmp_path=tmp_path) as service:
+        statuses = asyncio.run(race(service.base_url))
+        listed = httpx.get(f"{service.base_url}/users").json()["items"]
+
+    assert statuses.count(201) == 1
+    assert statuses.count(409) == 49
+    assert len(listed) == 1
+
+
+@pytest.mark.postgres
+def test_a_commit_that_fails_is_an_error_not_a_201(postgres_url: str, tmp_path: Path) -> None:
+    """Make the email check happen at COMMIT (a deferred constraint), so the
+    INSERT succeeds and only the commit fails: the client must not get a 201."""
+    with running_service({"DATABASE_URL": postgres_url}, tmp_path=tmp_path) as service:
+        asyncio.run(
+            execute(
+                postgres_url,
+                "DROP INDEX uq_users_email_lower;"
+                "ALTER TABLE users ADD CONSTRAINT uq_users_email_lower UNIQUE (email)"
+                " DEFERRABLE INITIALLY DEFERRED",
+            )
+        )
+        first = httpx.post(f"{service.base_url}/users", json=user_body(email="d@example.com"))
+        second = httpx.post(f"{service.base_url}/users", json=user_body(email="d@example.com"))
+        count = asyncio.run(fetch_value(postgres_url, "SELECT count(*) FROM users"))
+
+    assert first.status_code == 201
+    assert second.status_code == 409
+    assert second.headers["content-type"] == "application/problem+json"
+    assert count == 1
+
+
+@pytest.mark.postgres
+def test_pool_exhausted_is_503_with_retry_after(postgres_url: str, tmp_path: Path) -> None:
+    """One pooled connection, held by a request stuck behind a table lock."""
+    env = {
+        "DATABASE_URL": postgres_url,
+        "DB_POOL_SIZE": "1",
+        "DB_MAX_OVERFLOW": "0",
+        "DB_POOL_TIMEOUT": "0.5",
+    }
+
+    async def scenario(base_url: str) -> tuple[httpx.Response, httpx.Response, float]:
+        import asyncpg
+
+        locker = await asyncpg.connect(postgres_url.replace("+asyncpg", ""))
+        try:
+            lock = locker.transaction()
+            await lock.start()
+            await locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+            async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+                stuck = asyncio.create_task(client.get("/users"))
+                await asyncio.sleep(0.3)
+                started = time.monotonic()
+                refused = await client.get("/users")
+                waited = time.monotonic() - started
+                await lock.rollback()
+                return await stuck, refused, waited
+        finally:
+            await locker.close()
+
+    with running_service(env, tmp_path=tmp_path) as service:
+        stuck, refused, waited = asyncio.run(scenario(service.base_url))
+
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"].isdigit()
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert 0.4 < waited < 5
+    assert stuck.status_code == 200
+
+
+@pytest.mark.postgres
+def test_database_outage_is_503_and_recovers_without_restart(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    import sqlalchemy
+
+    url = sqlalchemy.engine.make_url(postgres_url)
+    with TcpProxy.running(url.host or "127.0.0.1", url.port or 5432) as proxy:
+        through_proxy = url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)
+        with running_service({"DATABASE_URL": through_proxy}, tmp_path=tmp_path) as service:
+            base = service.base_url
+            uid = httpx.post(f"{base}/users", json=user_body()).json()["uid"]
+
+            proxy.set_mode(Mode.REFUSE)
+            down_read = httpx.get(f"{base}/users/{uid}", timeout=30)
+            down_health = httpx.get(f"{base}/health", timeout=30)
+
+            proxy.set_mode(Mode.PASS)
+            up_read = httpx.get(f"{base}/users/{uid}", timeout=30)
+            up_health = httpx.get(f"{base}/health", timeout=30)
+
+    assert down_read.status_code == 503
+    assert down_read.headers["retry-after"].isdigit()
+    assert down_health.status_code == 503
+    assert down_health.json()["status"] == "fail"
+    assert up_read.status_code == 200
+    assert up_health.status_code == 200

@@ -1,0 +1,163 @@
+"""The /users routes, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime
+
+from starlette.testclient import TestClient
+
+from tests.factories import create_user, user_body
+
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+def test_create_user_returns_201_location_etag_and_server_fields(client: TestClient) -> None:
+    response = client.post("/users", json=user_body(username="ada", email="Ada@Example.COM"))
+
+    assert response.status_code == 201
+    user = response.json()
+    assert response.headers["location"] == f"/users/{user['uid']}"
+    assert response.headers["etag"].startswith('"')
+    assert uuid.UUID(user["uid"]).version == 4
+    assert user["email"] == "Ada@example.com"
+    assert user["role"] == "user"
+    assert user["is_verified"] is False
+    assert user["verified_at"] is None
+    assert RFC3339_UTC.match(user["created_at"])
+    assert user["created_at"] == user["updated_at"]
+
+
+def test_created_user_reads_back_identically(client: TestClient) -> None:
+    created = client.post("/users", json=user_body(role="admin", is_verified=True))
+
+    read = client.get(created.headers["location"])
+
+    assert read.status_code == 200
+    assert read.json() == created.json()
+    assert read.headers["etag"] == created.headers["etag"]
+    assert RFC3339_UTC.match(read.json()["verified_at"])
+
+
+def test_head_user_has_headers_and_no_body(client: TestClient) -> None:
+    user = create_user(client)
+
+    response = client.head(f"/users/{user['uid']}")
+
+    assert response.status_code == 200
+    assert response.content == b""
+    assert "etag" in response.headers
+
+
+def test_email_is_unique_case_insensitively(client: TestClient) -> None:
+    create_user(client, email="grace@example.com")
+
+    response = client.post("/users", json=user_body(email="GRACE@example.com"))
+
+    assert response.status_code == 409
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "email" in response.json()["detail"]
+
+
+def test_patch_changes_only_given_fields_and_bumps_updated_at(client: TestClient) -> None:
+    user = create_user(client, first_name="Ada")
+
+    response = client.patch(f"/users/{user['uid']}", json={"last_name": "Byron"})
+
+    assert response.status_code == 200
+    patched = response.json()
+    assert patched["last_name"] == "Byron"
+    assert patched["first_name"] == "Ada"
+    assert patched["created_at"] == user["created_at"]
+    assert datetime.fromisoformat(patched["updated_at"]) > datetime.fromisoformat(
+        user["updated_at"]
+    )
+    assert client.get(f"/users/{user['uid']}").json() == patched
+
+
+def test_verified_at_is_set_when_verified_and_cleared_when_not(client: TestClient) -> None:
+    user = create_user(client)
+    path = f"/users/{user['uid']}"
+
+    verified = client.patch(path, json={"is_verified": True}).json()
+    again = client.patch(path, json={"is_verified": True, "username": "ada2"}).json()
+    unverified = client.patch(path, json={"is_verified": False}).json()
+
+    assert verified["verified_at"] is not None
+    assert again["verified_at"] == verified["verified_at"]
+    assert unverified["verified_at"] is None
+
+
+def test_patch_to_a_taken_email_is_409(client: TestClient) -> None:
+    create_user(client, email="taken@example.com")
+    user = create_user(client)
+
+    response = client.patch(f"/users/{user['uid']}", json={"email": "Taken@example.com"})
+
+    assert response.status_code == 409
+    assert client.get(f"/users/{user['uid']}").json()["email"] == user["email"]
+
+
+def test_patch_and_delete_honour_if_match(client: TestClient) -> None:
+    user = create_user(client)
+    path = f"/users/{user['uid']}"
+    etag = client.get(path).headers["etag"]
+
+    stale = client.patch(path, json={"username": "x"}, headers={"If-Match": '"stale"'})
+    weak = client.patch(path, json={"username": "x"}, headers={"If-Match": f"W/{etag}"})
+    fresh = client.patch(path, json={"username": "x"}, headers={"If-Match": etag})
+    delete_old = client.delete(path, headers={"If-Match": etag})
+    delete_any = client.delete(path, headers={"If-Match": "*"})
+
+    assert stale.status_code == 412
+    assert weak.status_code == 412
+    assert fresh.status_code == 200
+    assert fresh.headers["etag"] != etag
+    assert delete_old.status_code == 412
+    assert delete_any.status_code == 204
+    assert client.get(path).status_code == 404
+
+
+def test_delete_user_removes_its_conversations_and_messages(client: TestClient) -> None:
+    user = create_user(client)
+    conversation = client.post(f"/users/{user['uid']}/conversations", json={"title": "t"}).json()
+    message = client.post(
+        f"/conversations/{conversation['uid']}/messages", json={"prompt": "p"}
+    ).json()
+
+    assert client.delete(f"/users/{user['uid']}").status_code == 204
+
+    assert client.get(f"/users/{user['uid']}").status_code == 404
+    assert client.get(f"/conversations/{conversation['uid']}").status_code == 404
+    assert client.get(f"/messages/{message['uid']}").status_code == 404
+    assert client.delete(f"/users/{user['uid']}").status_code == 404
+
+
+def test_list_users_walks_every_user_oldest_first_without_repeats(client: TestClient) -> None:
+    created = [create_user(client)["uid"] for _ in range(7)]
+
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params = {"limit": "3", **({"cursor": cursor} if cursor else {})}
+        page = client.get("/users", params=params).json()
+        seen += [item["uid"] for item in page["items"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+
+    assert seen == created
+    assert pages == 3
+
+
+def test_list_users_defaults_to_50(client: TestClient) -> None:
+    for _ in range(51):
+        create_user(client)
+
+    page = client.get("/users").json()
+
+    assert len(page["items"]) == 50
+    assert page["next_cursor"] is not None
