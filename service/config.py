@@ -46,6 +46,13 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 1048576
     log_level: str = "info"
+    # True when the URL came from DATABASE_CONNECTION_POOL_URL (a hosted PgBouncer).
+    via_connection_pool: bool = False
+
+    @property
+    def connections_per_process(self) -> int:
+        """The most database connections one worker process may open."""
+        return self.db_pool_size + self.db_max_overflow
 
     @property
     def is_postgres(self) -> bool:
@@ -110,6 +117,9 @@ def load_settings(*, env_file: str | Path | None = ".env") -> Settings:
         "log_level": env.str("LOG_LEVEL", "info", validate=_validate_log_level),
     }
     raw_url = env.str("DATABASE_URL", DEFAULT_DATABASE_URL)
+    # A hosted PgBouncer attaches this beside DATABASE_URL; when present it wins,
+    # and it is always transaction mode.
+    pool_url = env.str("DATABASE_CONNECTION_POOL_URL", None)
     errors: list[str] = []
     try:
         env.seal()
@@ -118,11 +128,13 @@ def load_settings(*, env_file: str | Path | None = ".env") -> Settings:
             f"{name}: {'; '.join(map(str, msgs))}" for name, msgs in exc.error_messages.items()
         ]
     database_url: URL | None = None
-    if raw_url is not None:
-        try:
-            database_url = normalize_database_url(raw_url)
-        except ValueError as exc:
-            errors.append(f"DATABASE_URL: {exc}")
+    url_variable, url_value = (
+        ("DATABASE_CONNECTION_POOL_URL", pool_url) if pool_url else ("DATABASE_URL", raw_url)
+    )
+    try:
+        database_url = normalize_database_url(url_value)
+    except ValueError as exc:
+        errors.append(f"{url_variable}: {exc}")
     if errors or database_url is None:
         raise ConfigError(sorted(errors))
     return Settings(
@@ -133,9 +145,10 @@ def load_settings(*, env_file: str | Path | None = ".env") -> Settings:
         db_max_overflow=values["db_max_overflow"],
         db_pool_timeout=values["db_pool_timeout"],
         db_statement_timeout_ms=values["db_statement_timeout_ms"],
-        db_pgbouncer=values["db_pgbouncer"],
+        db_pgbouncer=values["db_pgbouncer"] or bool(pool_url),
         init_db=values["init_db"],
         api_keys=tuple(key.strip() for key in values["api_keys"] if key.strip()),
         max_body_bytes=values["max_body_bytes"],
         log_level=values["log_level"].lower(),
+        via_connection_pool=bool(pool_url),
     )

@@ -74,6 +74,24 @@ async def start(settings: Settings) -> AsyncEngine:
     return engine
 
 
+def log_connection_budget(settings: Settings) -> None:
+    """One line an operator can add up against the database's connection limit."""
+    source = (
+        "DATABASE_CONNECTION_POOL_URL (PgBouncer, transaction mode)"
+        if settings.via_connection_pool
+        else "DATABASE_URL" + (" (PgBouncer, transaction mode)" if settings.db_pgbouncer else "")
+    )
+    logger.info(
+        "database %s from %s; this process may open up to %d connections "
+        "(DB_POOL_SIZE %d + DB_MAX_OVERFLOW %d)",
+        settings.safe_database_url,
+        source,
+        settings.connections_per_process,
+        settings.db_pool_size,
+        settings.db_max_overflow,
+    )
+
+
 class Lifespan:
     """Handles the `lifespan` scope; everything else goes to the app.
 
@@ -95,6 +113,7 @@ class Lifespan:
         except StartupError as exc:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
+        log_connection_budget(self.settings)
         if not self.settings.api_keys:
             logger.warning("API_KEYS is not set: every route is open to anyone who can reach it")
         scope.setdefault("state", {}).update(

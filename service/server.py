@@ -49,10 +49,10 @@ def serve(settings: Settings, *, graceful_shutdown_seconds: int) -> None:
     )
     sock = listen(settings.port)
     logger.info(
-        "listening on 0.0.0.0:%d with %d worker(s); database %s",
+        "listening on 0.0.0.0:%d with %d worker(s): up to %d database connections in all",
         settings.port,
         settings.web_concurrency,
-        settings.safe_database_url,
+        settings.web_concurrency * settings.connections_per_process,
     )
     if config.workers > 1:
         Multiprocess(config, sockets=[sock]).run()

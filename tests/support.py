@@ -28,6 +28,7 @@ REQUIRE_POSTGRES = os.environ.get("REQUIRE_POSTGRES") == "1"
 # Every variable the service reads; tests start from none of them set.
 SERVICE_VARIABLES = (
     "DATABASE_URL",
+    "DATABASE_CONNECTION_POOL_URL",
     "PORT",
     "WEB_CONCURRENCY",
     "DB_POOL_SIZE",

@@ -93,10 +93,24 @@ def test_environment_wins_over_dot_env(tmp_path: Path, monkeypatch: pytest.Monke
     assert load_settings().port == 7000
 
 
+def test_connection_pool_url_wins_and_turns_on_pgbouncer_mode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgres://u:p@db/app")
+    monkeypatch.setenv("DATABASE_CONNECTION_POOL_URL", "postgres://u:p@bouncer:6432/app")
+
+    settings = load_settings()
+
+    assert settings.database_url.host == "bouncer"
+    assert settings.db_pgbouncer is True
+    assert settings.via_connection_pool is True
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
         ("DATABASE_URL", "mysql://root@localhost/app"),
+        ("DATABASE_CONNECTION_POOL_URL", "mysql://root@localhost/app"),
         ("DATABASE_URL", "not a url"),
         ("PORT", "eighty"),
         ("PORT", "70000"),
