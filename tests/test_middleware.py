@@ -108,6 +108,11 @@ async def engine_for(settings: Settings) -> AsyncIterator[AsyncEngine]:
         yield engine
     finally:
         await engine.dispose()
+        # Let the driver's own close tasks finish: asyncio.run cancels leftovers,
+        # and aiosqlite's close, cancelled halfway, waits forever.
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            await asyncio.wait(others, timeout=5)
 
 
 async def call(
