@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import logging.config
 from contextvars import ContextVar
+from typing import Any
 
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
-class _RequestIdFilter(logging.Filter):
+class RequestIdFilter(logging.Filter):
     """Stamps every record with the id of the request being served (or '-')."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -17,14 +19,28 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+def logging_config(level: str) -> dict[str, Any]:
+    """A dictConfig for every logger, uvicorn's included. uvicorn applies it again in
+    each worker process it spawns, which is why it is data and not a function call."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"request_id": {"()": RequestIdFilter}},
+        "formatters": {"plain": {"format": LOG_FORMAT}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "plain",
+                "filters": ["request_id"],
+            }
+        },
+        "loggers": {
+            name: {"handlers": [], "propagate": True}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        },
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+    }
+
+
 def configure_logging(level: str) -> None:
-    """Send every logger, uvicorn's included, to stderr in one format."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.addFilter(_RequestIdFilter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
+    logging.config.dictConfig(logging_config(level))

@@ -10,6 +10,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from service.config import Settings
+from service.logs import logging_config
 
 logger = logging.getLogger(__name__)
 APP = "service.app:create_app"
@@ -42,7 +43,7 @@ def serve(settings: Settings, *, graceful_shutdown_seconds: int) -> None:
         lifespan="on",
         proxy_headers=True,
         forwarded_allow_ips="*",  # the platform's router is the only way in
-        log_config=None,  # keep service.logs' format
+        log_config=logging_config(settings.log_level),
         access_log=False,  # RequestContextMiddleware logs each request, with its id
         server_header=False,
         timeout_graceful_shutdown=graceful_shutdown_seconds,

@@ -116,10 +116,22 @@ class ServiceProcess:
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def stop(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
+    def terminate(self) -> None:
+        """SIGTERM to every process of the command, as a platform stops a dyno."""
+        os.killpg(self.process.pid, signal.SIGTERM)
+
+    def is_running(self) -> bool:
+        """Whether any live process of the command (shell, server, workers) is left;
+        zombies do not count, since nothing here may reap them."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            state, process_group = fields[0], int(fields[2])
+            if process_group == self.process.pid and state != "Z":
+                return True
+        return False
 
 
 def wait_until_live(service: ServiceProcess, *, timeout: float = 20) -> None:

@@ -1,0 +1,350 @@
+"""Operations, against real processes: startup with the database down, outages
+while running, statement timeouts, SIGTERM, secrets in logs, honcho."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.factories import user_body
+from tests.proxy import Mode, TcpProxy
+from tests.support import (
+    REPO,
+    ServiceProcess,
+    fetch_value,
+    free_port,
+    procfile_command,
+    running_service,
+)
+
+PASSWORD = "s3cret-Pa55word"  # trust auth ignores it; it must never be printed
+
+
+def with_password(url: str) -> str:
+    return make_url(url).set(password=PASSWORD).render_as_string(hide_password=False)
+
+
+def through(proxy: TcpProxy, url: str) -> str:
+    return make_url(url).set(host="127.0.0.1", port=proxy.port).render_as_string(False)
+
+
+def plain_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def count_tables(url: str) -> int:
+    return int(
+        asyncio.run(fetch_value(url, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"))  # type: ignore[arg-type]
+    )
+
+
+# -- startup -------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("mode", [Mode.REFUSE, Mode.SILENT])
+def test_database_down_at_startup_exits_non_zero_with_one_line(
+    postgres_url: str, tmp_path: Path, mode: Mode
+) -> None:
+    with TcpProxy.running("127.0.0.1", 5432) as proxy:
+        proxy.set_mode(mode)
+        env = {**os.environ, "DATABASE_URL": with_password(through(proxy, postgres_url))}
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "service", "serve"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        took = time.monotonic() - started
+
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert result.returncode != 0
+    assert 15 < took < 40  # retried for a while, and gave up well inside 60 s
+    assert len(errors) == 1
+    assert "did not answer within 20 s" in errors[0]
+    assert "Traceback" not in output
+    assert PASSWORD not in output
+
+
+@pytest.mark.postgres
+def test_four_workers_start_together_on_an_empty_database(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    env = {"DATABASE_URL": postgres_url, "WEB_CONCURRENCY": "4"}
+    with running_service(env, tmp_path=tmp_path) as service:
+        deadline = time.monotonic() + 30
+        while service.log().count("Application startup complete") < 4:
+            assert time.monotonic() < deadline, service.log()
+            time.sleep(0.1)
+        created = httpx.post(f"{service.base_url}/users", json=user_body())
+
+    assert created.status_code == 201
+    assert "Traceback" not in service.log()
+    assert count_tables(postgres_url) == 3
+
+
+@pytest.mark.postgres
+def test_release_creates_the_schema_and_can_run_twice(postgres_url: str, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "DATABASE_URL": postgres_url,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+
+    runs = [
+        subprocess.run(
+            procfile_command("release"),
+            shell=True,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        for _ in range(2)
+    ]
+
+    assert [run.returncode for run in runs] == [0, 0], runs[-1].stderr
+    assert count_tables(postgres_url) == 3
+
+
+@pytest.mark.postgres
+def test_init_db_false_leaves_the_schema_alone(postgres_url: str, tmp_path: Path) -> None:
+    with running_service({"DATABASE_URL": postgres_url, "INIT_DB": "false"}, tmp_path=tmp_path):
+        tables = count_tables(postgres_url)
+
+    assert tables == 0
+
+
+# -- outages ---------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_a_silent_database_is_503_quickly_and_recovers(postgres_url: str, tmp_path: Path) -> None:
+    """Packets dropped, not refused: timeouts must bound every wait."""
+    with TcpProxy.running("127.0.0.1", 5432) as proxy:
+        env = {"DATABASE_URL": through(proxy, postgres_url), "DB_STATEMENT_TIMEOUT_MS": "1000"}
+        with running_service(env, tmp_path=tmp_path) as service:
+            base = service.base_url
+            uid = httpx.post(f"{base}/users", json=user_body()).json()["uid"]
+            httpx.get(f"{base}/health")
+
+            proxy.set_mode(Mode.SILENT)
+            started = time.monotonic()
+            health = httpx.get(f"{base}/health", timeout=30)
+            health_took = time.monotonic() - started
+            started = time.monotonic()
+            read = httpx.get(f"{base}/users/{uid}", timeout=30)
+            read_took = time.monotonic() - started
+
+            proxy.set_mode(Mode.PASS)
+            recovered_at = time.monotonic()
+            while httpx.get(f"{base}/users/{uid}", timeout=30).status_code != 200:
+                assert time.monotonic() - recovered_at < 30
+            after = [httpx.get(f"{base}/users/{uid}", timeout=30).status_code for _ in range(20)]
+            health_after = httpx.get(f"{base}/health", timeout=30)
+
+    assert health.status_code == 503
+    assert health.json()["status"] == "fail"
+    assert health_took < 4
+    assert read.status_code == 503
+    assert read.headers["retry-after"].isdigit()
+    assert read_took < 10
+    assert after == [200] * 20  # no pooled connection stayed broken
+    assert health_after.status_code == 200
+
+
+@pytest.mark.postgres
+def test_a_statement_over_the_timeout_is_a_problem_response(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    async def blocked_list(base_url: str) -> tuple[httpx.Response, float]:
+        locker = await asyncpg.connect(plain_dsn(postgres_url))
+        try:
+            async with locker.transaction():
+                await locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+                started = time.monotonic()
+                async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+                    response = await client.get("/users")
+                return response, time.monotonic() - started
+        finally:
+            await locker.close()
+
+    env = {"DATABASE_URL": postgres_url, "DB_STATEMENT_TIMEOUT_MS": "500"}
+    with running_service(env, tmp_path=tmp_path) as service:
+        response, took = asyncio.run(blocked_list(service.base_url))
+
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert 0.4 < took < 5
+
+
+# -- shutdown --------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_sigterm_finishes_in_flight_requests_then_lets_go_of_the_database(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    async def scenario(service: ServiceProcess) -> tuple[list[int], bool]:
+        base_url = service.base_url
+        locker = await asyncpg.connect(plain_dsn(postgres_url))
+        try:
+            transaction = locker.transaction()
+            await transaction.start()
+            await locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+            async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+                in_flight = [asyncio.create_task(client.get("/users")) for _ in range(3)]
+                await asyncio.sleep(0.5)
+                service.terminate()
+                await asyncio.sleep(0.5)
+                try:
+                    await httpx.AsyncClient(timeout=2).get(f"{base_url}/health/live")
+                    refused_new = False
+                except httpx.TransportError:
+                    refused_new = True
+                await transaction.rollback()
+                statuses = [(await task).status_code for task in in_flight]
+            return statuses, refused_new
+        finally:
+            await locker.close()
+
+    with running_service({"DATABASE_URL": postgres_url}, tmp_path=tmp_path) as service:
+        started = time.monotonic()
+        statuses, refused_new = asyncio.run(scenario(service))
+        while service.is_running():
+            time.sleep(0.05)
+        took = time.monotonic() - started
+        left = asyncio.run(
+            fetch_value(
+                postgres_url,
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+        )
+
+    assert statuses == [200, 200, 200]
+    assert refused_new
+    assert took < 10
+    assert left == 0
+
+
+@pytest.mark.postgres
+def test_a_stuck_request_cannot_hold_shutdown_past_the_graceful_timeout(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    async def hold_and_stop(service: ServiceProcess) -> float:
+        locker = await asyncpg.connect(plain_dsn(postgres_url))
+        try:
+            async with locker.transaction():
+                await locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+                async with httpx.AsyncClient(base_url=service.base_url, timeout=60) as client:
+                    stuck = asyncio.create_task(client.get("/users"))
+                    await asyncio.sleep(0.5)
+                    started = time.monotonic()
+                    service.terminate()
+                    while service.is_running() and time.monotonic() - started < 30:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)  # polling another process: no event to await
+                    took = time.monotonic() - started
+                    stuck.cancel()
+                    return took
+        finally:
+            await locker.close()
+
+    command = "python -m service serve --graceful-timeout 2"
+    with running_service(
+        {"DATABASE_URL": postgres_url}, command=command, tmp_path=tmp_path
+    ) as service:
+        took = asyncio.run(hold_and_stop(service))
+        service.process.wait(timeout=5)
+
+    assert took < 6
+
+
+# -- secrets and logs ------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_logs_have_one_access_line_per_request_and_never_the_password(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    env = {"DATABASE_URL": with_password(postgres_url), "LOG_LEVEL": "debug"}
+    with running_service(env, tmp_path=tmp_path) as service:
+        base = service.base_url
+        created = httpx.post(f"{base}/users", json=user_body(), headers={"X-Request-ID": "r" * 24})
+        missing = httpx.get(f"{base}/users/{'0' * 8}-0000-4000-8000-{'0' * 12}")
+        bodies = [created.text, missing.text, httpx.get(f"{base}/health").text]
+    log = service.log()
+
+    access = [line for line in log.splitlines() if "service.access" in line]
+    assert any(re.search(r"\[r{24}\] POST /users 201 [\d.]+ms$", line) for line in access), access
+    request_id = missing.headers["x-request-id"]
+    assert [line for line in access if f"[{request_id}]" in line] == [
+        next(line for line in access if "GET /users/00000000" in line)
+    ]
+    assert PASSWORD not in log
+    assert all(PASSWORD not in body for body in bodies)
+
+
+# -- a platform's view -------------------------------------------------------------
+
+
+def test_honcho_start_web_with_the_example_env(tmp_path: Path) -> None:
+    """What an operator does first: `.env` from `.env.example`, then `honcho start web`."""
+    shutil.copy(REPO / ".env.example", tmp_path / ".env")
+    port = free_port()
+    honcho = Path(sys.executable).parent / "honcho"
+    process = subprocess.Popen(
+        [
+            str(honcho),
+            "-f",
+            str(REPO / "Procfile"),
+            "-d",
+            str(tmp_path),
+            "start",
+            "-p",
+            str(port),
+            "web",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        created = httpx.post(f"http://127.0.0.1:{port}/users", json=user_body())
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+
+    assert health.status_code == 200, output
+    assert created.status_code == 201
+    assert (tmp_path / "service.db").exists()
