@@ -3,18 +3,18 @@ sessionmaker, and `init_db`."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
-from sqlmodel import SQLModel
+from sqlmodel import Session, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from service import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from service.config import Settings
+from service.pool import FairAsyncQueuePool
 
 CONNECT_TIMEOUT_SECONDS = 5.0
 # Client-side bound on a command beyond the server's statement_timeout, so a
@@ -29,15 +29,18 @@ def _postgres_connect_args(settings: Settings) -> dict[str, Any]:
     statement_timeout = settings.db_statement_timeout_ms / 1000
     if settings.db_pgbouncer:
         # PgBouncer (transaction mode) rejects statement_timeout as a startup
-        # parameter and hands each transaction any server connection, so no
-        # server-side prepared statement may be reused: rely on the client
-        # timeout and give every statement a name of its own.
+        # parameter and may hand every Sync outside a transaction (autocommit
+        # reads) to a different server connection, so no server-side prepared
+        # statement may outlive the message batch that uses it: rely on the
+        # client timeout, and with both caches off asyncpg (>= 0.29) prepares
+        # statements unnamed and parses them again in the Bind/Execute batch.
+        # (Unique names instead would still leave Bind on another server
+        # connection in autocommit: "prepared statement ... does not exist".)
         return {
             "timeout": CONNECT_TIMEOUT_SECONDS,
             "command_timeout": statement_timeout,
             "statement_cache_size": 0,
             "prepared_statement_cache_size": 0,
-            "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4()}__",
         }
     return {
         "timeout": CONNECT_TIMEOUT_SECONDS,
@@ -66,6 +69,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout,
+        poolclass=FairAsyncQueuePool,
         connect_args=connect_args,
     )
     if not settings.is_postgres:
@@ -76,6 +80,26 @@ def create_engine(settings: Settings) -> AsyncEngine:
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Objects stay readable after commit, so handlers serialise them without a reload."""
     return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+
+
+def autocommit(engine: AsyncEngine) -> AsyncEngine:
+    """The same engine and pool, without BEGIN/ROLLBACK around each use.
+
+    For reads only: at READ COMMITTED each statement sees its own snapshot
+    anyway, so a transaction around a read buys nothing but two round trips.
+    """
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+class ReadOnlySession(Session):
+    """The sync half of a GET/HEAD request's session, which runs in autocommit:
+    a flush there would write without a transaction, so it is refused."""
+
+
+@event.listens_for(ReadOnlySession, "before_flush")
+def _refuse_flush(session: Session, *_: object) -> None:
+    if session.new or session.dirty or session.deleted:
+        raise RuntimeError("a GET or HEAD handler tried to write to the database")
 
 
 async def init_db(engine: AsyncEngine) -> None:

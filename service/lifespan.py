@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.config import Settings
-from service.db import create_engine, create_sessionmaker, init_db
+from service.db import autocommit, create_engine, create_sessionmaker, init_db
 
 logger = logging.getLogger(__name__)
 # Well inside the 60 s a platform gives a process to bind its port.
@@ -95,8 +95,9 @@ def log_connection_budget(settings: Settings) -> None:
 class Lifespan:
     """Handles the `lifespan` scope; everything else goes to the app.
 
-    On startup it puts `settings`, `engine` and `sessionmaker` in the lifespan
-    state, which the server copies into every request's scope.
+    On startup it puts `settings`, `engine` (and its `autocommit_engine` view
+    for reads) and the one `sessionmaker` in the lifespan state, which the
+    server copies into every request's scope.
     """
 
     def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
@@ -117,7 +118,10 @@ class Lifespan:
         if not self.settings.api_keys:
             logger.warning("API_KEYS is not set: every route is open to anyone who can reach it")
         scope.setdefault("state", {}).update(
-            settings=self.settings, engine=engine, sessionmaker=create_sessionmaker(engine)
+            settings=self.settings,
+            engine=engine,
+            autocommit_engine=autocommit(engine),
+            sessionmaker=create_sessionmaker(engine),
         )
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown

@@ -13,13 +13,17 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import anyio
+from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.db import ReadOnlySession
 from service.errors import Unauthorized
 from service.logs import REQUEST_ID
 from service.problems import internal_error_response, render_service_error
@@ -34,6 +38,9 @@ VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9+/=-]{20,200}")
 def is_open_path(path: str) -> bool:
     """Health checks stay reachable without a key: monitors and routers carry none."""
     return path == "/health" or path.startswith("/health/")
+
+
+SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 
 def with_state(scope: Scope, **values: object) -> Scope:
@@ -113,6 +120,21 @@ class BearerAuthMiddleware:
         return any(matches)
 
 
+class RequestState(dict[str, Any]):
+    """A request's copy of the lifespan state whose `db` session is opened on first
+    use, so requests that never touch the database (liveness) pay nothing for it."""
+
+    def __init__(self, shared: dict[str, Any], *, open_session: Callable[[], AsyncSession]) -> None:
+        super().__init__(shared)
+        self._open_session = open_session
+
+    def __missing__(self, key: str) -> Any:
+        if key != "db":
+            raise KeyError(key)
+        session = self["db"] = self._open_session()
+        return session
+
+
 class DBSessionMiddleware:
     """Gives each HTTP request its own AsyncSession at `request.state.db`.
 
@@ -120,6 +142,9 @@ class DBSessionMiddleware:
     handler raises or the client goes away; closing rolls back whatever the
     handler did not commit and returns the connection to the pool. The close
     is shielded so a cancelled request cannot leak its connection.
+
+    GET and HEAD never write, so their session runs in autocommit: no
+    BEGIN/ROLLBACK round trips, and a flush is refused (`ReadOnlySession`).
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -129,9 +154,21 @@ class DBSessionMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        session = scope["state"]["sessionmaker"]()
+        shared = scope["state"]
+        sessionmaker = shared["sessionmaker"]
+        if scope["method"] in SAFE_METHODS:
+            open_session = partial(
+                sessionmaker,
+                bind=shared["autocommit_engine"],
+                sync_session_class=ReadOnlySession,
+            )
+        else:
+            open_session = sessionmaker
+        state = RequestState(shared, open_session=open_session)
         try:
-            await self.app(with_state(scope, db=session), receive, send)
+            await self.app({**scope, "state": state}, receive, send)
         finally:
-            with anyio.CancelScope(shield=True):
-                await session.close()
+            session = state.get("db")  # get() does not open one
+            if session is not None:
+                with anyio.CancelScope(shield=True):
+                    await session.close()

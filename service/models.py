@@ -133,8 +133,17 @@ class User(UserBase, table=True):
     updated_at: datetime = Field(sa_column=_USER_VERSION)
 
 
-class UserPublic(UserBase):
+class UserPublic(SQLModel):
+    """What clients read. Plain types: rows were validated on the way in, and
+    checking every email again on the way out is most of a list's cost."""
+
     uid: uuid.UUID
+    username: str
+    email: str
+    first_name: str
+    last_name: str
+    role: Role
+    is_verified: bool
     verified_at: datetime | None
     created_at: datetime
     updated_at: datetime
@@ -175,9 +184,10 @@ class Conversation(ConversationBase, table=True):
     updated_at: datetime = Field(sa_column=_CONVERSATION_VERSION)
 
 
-class ConversationPublic(ConversationBase):
+class ConversationPublic(SQLModel):
     uid: uuid.UUID
     user_uid: uuid.UUID
+    title: str
     created_at: datetime
     updated_at: datetime
 
@@ -236,10 +246,12 @@ class Message(MessageBase, table=True):
     updated_at: datetime = Field(sa_column=_MESSAGE_VERSION)
 
 
-class MessagePublic(MessageBase):
+class MessagePublic(SQLModel):
     uid: uuid.UUID
     conversation_uid: uuid.UUID
     user_uid: uuid.UUID
+    prompt: str | None
+    response: str | None
     created_at: datetime
     updated_at: datetime
 

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from service.config import Settings
-from service.db import create_engine, create_sessionmaker, init_db
+from service.db import autocommit, create_engine, create_sessionmaker, init_db
 from service.lifespan import Lifespan
 from service.middleware import DBSessionMiddleware, RequestContextMiddleware
 from service.models import User, utc_now
@@ -36,6 +36,7 @@ class Probe:
 
     def __init__(self) -> None:
         self.sessions: list[AsyncSession] = []
+        self.states: list[dict[str, Any]] = []
         self.streaming = asyncio.Event()
 
     def app(self) -> Starlette:
@@ -63,6 +64,10 @@ class Probe:
             await session.flush()
             return JSONResponse({"flushed": True})
 
+        async def untouched(request: Request) -> Response:
+            self.states.append(request.scope["state"])
+            return JSONResponse({"db": "not used"})
+
         async def stream(request: Request) -> Response:
             session = await self._use(request)
 
@@ -84,7 +89,8 @@ class Probe:
             routes=[
                 Route("/ok", ok),
                 Route("/boom", boom),
-                Route("/uncommitted", uncommitted),
+                Route("/uncommitted", uncommitted, methods=["GET", "POST"]),
+                Route("/untouched", untouched),
                 Route("/stream", stream),
                 Route("/slow", slow),
             ],
@@ -116,7 +122,12 @@ async def engine_for(settings: Settings) -> AsyncIterator[AsyncEngine]:
 
 
 async def call(
-    app: Starlette, engine: AsyncEngine, path: str, *, disconnect_after: float | None = None
+    app: Starlette,
+    engine: AsyncEngine,
+    path: str,
+    *,
+    method: str = "GET",
+    disconnect_after: float | None = None,
 ) -> list[Message]:
     """Drive the ASGI app by hand, as a server would, optionally with a client that
     goes away mid-request."""
@@ -125,7 +136,7 @@ async def call(
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "GET",
+        "method": method,
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),
@@ -133,7 +144,10 @@ async def call(
         "headers": [],
         "server": ("test", 80),
         "client": ("test", 1),
-        "state": {"sessionmaker": create_sessionmaker(engine)},
+        "state": {
+            "sessionmaker": create_sessionmaker(engine),
+            "autocommit_engine": autocommit(engine),
+        },
     }
     requested = False
 
@@ -192,10 +206,38 @@ def test_uncommitted_work_is_rolled_back_at_close(settings: Settings) -> None:
     async def scenario() -> None:
         probe = Probe()
         async with engine_for(settings) as engine:
-            await call(probe.app(), engine, "/uncommitted")
+            sent = await call(probe.app(), engine, "/uncommitted", method="POST")
+            assert sent[0]["status"] == 200
             assert_closed(probe, engine)
             async with AsyncSession(engine) as session:
                 assert (await session.exec(select(User))).all() == []
+
+    asyncio.run(scenario())
+
+
+def test_a_get_handler_cannot_write(settings: Settings) -> None:
+    """GET sessions run in autocommit, so a flush there is refused, not committed."""
+
+    async def scenario() -> None:
+        probe = Probe()
+        async with engine_for(settings) as engine:
+            sent = await call(probe.app(), engine, "/uncommitted", method="GET")
+            assert sent[0]["status"] == 500
+            assert_closed(probe, engine)
+            async with AsyncSession(engine) as session:
+                assert (await session.exec(select(User))).all() == []
+
+    asyncio.run(scenario())
+
+
+def test_no_session_is_opened_for_a_request_that_does_not_use_one(settings: Settings) -> None:
+    async def scenario() -> None:
+        probe = Probe()
+        async with engine_for(settings) as engine:
+            sent = await call(probe.app(), engine, "/untouched")
+            assert sent[0]["status"] == 200
+            assert probe.sessions == []
+            assert "db" not in probe.states[0]
 
     asyncio.run(scenario())
 

@@ -1,0 +1,91 @@
+"""A connection pool that serves waiting requests in arrival order.
+
+SQLAlchemy's asyncio pool lets a newly arrived request take a returned
+connection ahead of requests already waiting, and sends a woken waiter that
+lost that race to the back of the line; it also closes a returned connection
+when the pool is full even though requests are waiting for one. Under load
+that starves some requests until DB_POOL_TIMEOUT (a 503) while churning
+connections. Here a returned connection goes straight to the oldest waiter.
+
+This plugs into `QueuePool`'s queue hook (`_queue_class`), which is private
+SQLAlchemy API: pyproject pins SQLAlchemy below 2.2 for that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, TypeVar
+
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.util import await_
+from sqlalchemy.util.queue import Empty, Full, QueueCommon
+
+ItemT = TypeVar("ItemT")
+
+
+class HandOffQueue(QueueCommon[ItemT]):
+    """FIFO hand-off: a put goes to the longest waiter; items only rest in the
+    queue when nobody waits, so an arrival can never overtake a waiter."""
+
+    def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
+        self.maxsize = maxsize
+        self.use_lifo = use_lifo
+        self._items: deque[ItemT] = deque()
+        self._waiters: deque[asyncio.Future[ItemT]] = deque()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        return 0 < self.maxsize <= len(self._items)
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def put_nowait(self, item: ItemT) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(item)
+                return
+        if self.full():
+            raise Full()
+        self._items.append(item)
+
+    def put(self, item: ItemT, block: bool = True, timeout: float | None = None) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self) -> ItemT:
+        if not self._items:
+            raise Empty()
+        return self._items.pop() if self.use_lifo else self._items.popleft()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> ItemT:
+        if self._items or not block:
+            return self.get_nowait()
+        waiter: asyncio.Future[ItemT] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return await_(self._wait(waiter, limit=timeout))
+
+    async def _wait(self, waiter: asyncio.Future[ItemT], *, limit: float | None) -> ItemT:
+        try:
+            async with asyncio.timeout(limit):
+                return await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                # Handed a connection just as we gave up: pass it on, never drop it.
+                self.put_nowait(waiter.result())
+            else:
+                waiter.cancel()
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise Empty() from None
+            raise
+
+
+class FairAsyncQueuePool(AsyncAdaptedQueuePool):
+    """`AsyncAdaptedQueuePool` with the hand-off queue above."""
+
+    _queue_class: Any = HandOffQueue
