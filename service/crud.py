@@ -1,17 +1,20 @@
 """Storing and loading users, conversations and messages.
 
-Functions are keyword-only, take the request's session, and return the row or
-None (the handler turns None into 404). They flush but never commit: the
-handler commits before it builds its response.
+Functions take the request's session and return the row or None (the
+handler turns None into 404). Reads return plain rows; writes work on ORM
+objects, whose `updated_at` version column guards against lost updates. They
+flush but never commit: the handler commits before it builds its response.
+The update functions share one positional shape, so one generic handler
+(service.routes.resources) serves every entity.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import update
-from sqlmodel import select
+from sqlalchemy import Row, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from service.errors import ValidationFailed
@@ -29,11 +32,32 @@ from service.models import (
 )
 from service.pagination import PageRequest, keyset
 
-Row = User | Conversation | Message
+Entity = User | Conversation | Message
 
 
-async def delete_row(session: AsyncSession, *, row: Row) -> None:
-    """Delete a loaded row; the database's ON DELETE CASCADE removes its children."""
+async def read_row(
+    session: AsyncSession, *, model: type[Entity], uid: uuid.UUID
+) -> Row[Any] | None:
+    """A resource as a plain row, for a response: reads skip the ORM's identity map
+    and object loading, which cost more than the query itself."""
+    table = model.__table__
+    return (await session.exec(select(table).where(table.c.uid == uid))).first()
+
+
+async def exists(session: AsyncSession, *, model: type[Entity], uid: uuid.UUID) -> bool:
+    table = model.__table__
+    found = await session.exec(select(table.c.uid).where(table.c.uid == uid))
+    return found.first() is not None
+
+
+async def lock_row(session: AsyncSession, *, model: type[Entity], uid: uuid.UUID) -> Entity | None:
+    """The ORM object, locked FOR UPDATE until commit, so a PATCH or DELETE checks
+    If-Match against the very version it then changes."""
+    return await session.get(model, uid, with_for_update=True)
+
+
+async def delete_row(session: AsyncSession, row: Entity) -> None:
+    """Delete a locked row; the database's ON DELETE CASCADE removes its children."""
     await session.delete(row)
     await session.flush()
 
@@ -54,18 +78,12 @@ async def create_user(session: AsyncSession, *, data: UserCreate) -> User:
     return user
 
 
-async def get_user(
-    session: AsyncSession, *, uid: uuid.UUID, for_update: bool = False
-) -> User | None:
-    return await session.get(User, uid, with_for_update=for_update)
-
-
-async def list_users(session: AsyncSession, *, page: PageRequest) -> Sequence[User]:
-    statement = keyset(select(User), at=User.created_at, uid=User.uid, page=page)
+async def list_users(session: AsyncSession, *, page: PageRequest) -> Sequence[Row[Any]]:
+    statement = keyset(select(User.__table__), at=User.created_at, uid=User.uid, page=page)
     return (await session.exec(statement)).all()
 
 
-async def update_user(session: AsyncSession, *, user: User, data: UserUpdate) -> User:
+async def update_user(session: AsyncSession, user: User, data: UserUpdate) -> None:
     changes = data.model_dump(exclude_unset=True)
     now = utc_now()
     if changes.get("is_verified", user.is_verified) != user.is_verified:
@@ -73,7 +91,6 @@ async def update_user(session: AsyncSession, *, user: User, data: UserUpdate) ->
     user.sqlmodel_update(changes)
     user.updated_at = now
     await session.flush()
-    return user
 
 
 # -- conversations -------------------------------------------------------------
@@ -82,7 +99,7 @@ async def update_user(session: AsyncSession, *, user: User, data: UserUpdate) ->
 async def create_conversation(
     session: AsyncSession, *, user_uid: uuid.UUID, data: ConversationCreate
 ) -> Conversation | None:
-    if await session.get(User, user_uid) is None:
+    if not await exists(session, model=User, uid=user_uid):
         return None
     now = utc_now()
     conversation = Conversation(
@@ -93,20 +110,14 @@ async def create_conversation(
     return conversation
 
 
-async def get_conversation(
-    session: AsyncSession, *, uid: uuid.UUID, for_update: bool = False
-) -> Conversation | None:
-    return await session.get(Conversation, uid, with_for_update=for_update)
-
-
 async def list_conversations(
     session: AsyncSession, *, user_uid: uuid.UUID, page: PageRequest
-) -> Sequence[Conversation] | None:
+) -> Sequence[Row[Any]] | None:
     """A user's conversations, most recently updated first; None if the user does not exist."""
-    if await session.get(User, user_uid) is None:
+    if not await exists(session, model=User, uid=user_uid):
         return None
     statement = keyset(
-        select(Conversation).where(Conversation.user_uid == user_uid),
+        select(Conversation.__table__).where(Conversation.user_uid == user_uid),
         at=Conversation.updated_at,
         uid=Conversation.uid,
         page=page,
@@ -116,12 +127,11 @@ async def list_conversations(
 
 
 async def update_conversation(
-    session: AsyncSession, *, conversation: Conversation, data: ConversationUpdate
-) -> Conversation:
+    session: AsyncSession, conversation: Conversation, data: ConversationUpdate
+) -> None:
     conversation.sqlmodel_update(data.model_dump(exclude_unset=True))
     conversation.updated_at = utc_now()
     await session.flush()
-    return conversation
 
 
 # -- messages ------------------------------------------------------------------
@@ -154,20 +164,14 @@ async def create_message(
     return message
 
 
-async def get_message(
-    session: AsyncSession, *, uid: uuid.UUID, for_update: bool = False
-) -> Message | None:
-    return await session.get(Message, uid, with_for_update=for_update)
-
-
 async def list_messages(
     session: AsyncSession, *, conversation_uid: uuid.UUID, page: PageRequest
-) -> Sequence[Message] | None:
+) -> Sequence[Row[Any]] | None:
     """A conversation's messages, oldest first; None if the conversation does not exist."""
-    if await session.get(Conversation, conversation_uid) is None:
+    if not await exists(session, model=Conversation, uid=conversation_uid):
         return None
     statement = keyset(
-        select(Message).where(Message.conversation_uid == conversation_uid),
+        select(Message.__table__).where(Message.conversation_uid == conversation_uid),
         at=Message.created_at,
         uid=Message.uid,
         page=page,
@@ -175,9 +179,7 @@ async def list_messages(
     return (await session.exec(statement)).all()
 
 
-async def update_message(
-    session: AsyncSession, *, message: Message, data: MessageUpdate
-) -> Message:
+async def update_message(session: AsyncSession, message: Message, data: MessageUpdate) -> None:
     """Apply a partial update; the result must still have a prompt or a response."""
     changes = data.model_dump(exclude_unset=True)
     if changes.get("prompt", message.prompt) is None and (
@@ -187,4 +189,3 @@ async def update_message(
     message.sqlmodel_update(changes)
     message.updated_at = utc_now()
     await session.flush()
-    return message

@@ -8,8 +8,9 @@ from starlette.responses import Response
 
 from service import crud
 from service.errors import found
-from service.inputs import check_if_match, read_body
+from service.inputs import read_body
 from service.models import (
+    Conversation,
     ConversationCreate,
     ConversationPage,
     ConversationPublic,
@@ -17,7 +18,8 @@ from service.models import (
 )
 from service.openapi import operation
 from service.pagination import PageRequest, split_page
-from service.representations import etag_of, page_response, resource_response
+from service.representations import page_response, resource_response
+from service.routes.resources import delete_handler, read_handler, update_handler
 from service.routing import MethodRoute
 
 
@@ -59,46 +61,18 @@ async def list_conversations(request: Request) -> Response:
     return page_response(ConversationPage, items, next_cursor)
 
 
-@operation("Read a conversation", response=ConversationPublic)
-async def read_conversation(request: Request) -> Response:
-    """One conversation, with its ETag."""
-    conversation = found(
-        await crud.get_conversation(request.state.db, uid=request.path_params["uid"]),
-        "conversation",
-    )
-    return resource_response(ConversationPublic, conversation)
-
-
-@operation(
-    "Rename a conversation", body=ConversationUpdate, response=ConversationPublic, errors=(409, 412)
+read_conversation = read_handler(Conversation, ConversationPublic, what="conversation")
+update_conversation = update_handler(
+    Conversation,
+    ConversationPublic,
+    body=ConversationUpdate,
+    apply=crud.update_conversation,
+    what="conversation",
+    summary="Rename a conversation",
 )
-async def update_conversation(request: Request) -> Response:
-    """Partial update, honouring If-Match."""
-    data = await read_body(request, ConversationUpdate)
-    session: AsyncSession = request.state.db
-    conversation = found(
-        await crud.get_conversation(session, uid=request.path_params["uid"], for_update=True),
-        "conversation",
-    )
-    check_if_match(request, etag_of(conversation))
-    await crud.update_conversation(session, conversation=conversation, data=data)
-    await session.commit()
-    return resource_response(ConversationPublic, conversation)
-
-
-@operation("Delete a conversation with its messages", response=None, status=204, errors=(412,))
-async def delete_conversation(request: Request) -> Response:
-    """Delete, honouring If-Match; its messages go with it."""
-    session: AsyncSession = request.state.db
-    conversation = found(
-        await crud.get_conversation(session, uid=request.path_params["uid"], for_update=True),
-        "conversation",
-    )
-    check_if_match(request, etag_of(conversation))
-    await crud.delete_row(session, row=conversation)
-    await session.commit()
-    return Response(status_code=204)
-
+delete_conversation = delete_handler(
+    Conversation, what="conversation", summary="Delete a conversation with its messages"
+)
 
 ROUTES = [
     MethodRoute(

@@ -8,11 +8,12 @@ from starlette.responses import Response
 
 from service import crud
 from service.errors import found
-from service.inputs import check_if_match, read_body
-from service.models import MessageCreate, MessagePage, MessagePublic, MessageUpdate
+from service.inputs import read_body
+from service.models import Message, MessageCreate, MessagePage, MessagePublic, MessageUpdate
 from service.openapi import operation
 from service.pagination import PageRequest, split_page
-from service.representations import etag_of, page_response, resource_response
+from service.representations import page_response, resource_response
+from service.routes.resources import delete_handler, read_handler, update_handler
 from service.routing import MethodRoute
 
 
@@ -47,48 +48,16 @@ async def list_messages(request: Request) -> Response:
     return page_response(MessagePage, items, next_cursor)
 
 
-@operation("Read a message", response=MessagePublic)
-async def read_message(request: Request) -> Response:
-    """One message, with its ETag."""
-    message = found(
-        await crud.get_message(request.state.db, uid=request.path_params["uid"]), "message"
-    )
-    return resource_response(MessagePublic, message)
-
-
-@operation(
-    "Edit a message's prompt or response",
+read_message = read_handler(Message, MessagePublic, what="message")
+update_message = update_handler(
+    Message,
+    MessagePublic,
     body=MessageUpdate,
-    response=MessagePublic,
-    errors=(409, 412),
+    apply=crud.update_message,
+    what="message",
+    summary="Edit a message's prompt or response",
 )
-async def update_message(request: Request) -> Response:
-    """Partial update, honouring If-Match; a prompt or a response must remain."""
-    data = await read_body(request, MessageUpdate)
-    session: AsyncSession = request.state.db
-    message = found(
-        await crud.get_message(session, uid=request.path_params["uid"], for_update=True),
-        "message",
-    )
-    check_if_match(request, etag_of(message))
-    await crud.update_message(session, message=message, data=data)
-    await session.commit()
-    return resource_response(MessagePublic, message)
-
-
-@operation("Delete a message", response=None, status=204, errors=(412,))
-async def delete_message(request: Request) -> Response:
-    """Delete, honouring If-Match."""
-    session: AsyncSession = request.state.db
-    message = found(
-        await crud.get_message(session, uid=request.path_params["uid"], for_update=True),
-        "message",
-    )
-    check_if_match(request, etag_of(message))
-    await crud.delete_row(session, row=message)
-    await session.commit()
-    return Response(status_code=204)
-
+delete_message = delete_handler(Message, what="message", summary="Delete a message")
 
 ROUTES = [
     MethodRoute("/conversations/{uid:uuid}/messages", GET=list_messages, POST=create_message),

@@ -7,12 +7,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service import crud
-from service.errors import found
-from service.inputs import check_if_match, read_body
-from service.models import UserCreate, UserPage, UserPublic, UserUpdate
+from service.inputs import read_body
+from service.models import User, UserCreate, UserPage, UserPublic, UserUpdate
 from service.openapi import operation
 from service.pagination import PageRequest, split_page
-from service.representations import etag_of, page_response, resource_response
+from service.representations import page_response, resource_response
+from service.routes.resources import delete_handler, read_handler, update_handler
 from service.routing import MethodRoute
 
 
@@ -35,43 +35,18 @@ async def create_user(request: Request) -> Response:
     return resource_response(UserPublic, user, status=201, location=f"/users/{user.uid}")
 
 
-@operation("Read a user", response=UserPublic)
-async def read_user(request: Request) -> Response:
-    """One user, with its ETag."""
-    user = found(await crud.get_user(request.state.db, uid=request.path_params["uid"]), "user")
-    return resource_response(UserPublic, user)
-
-
-@operation(
-    "Update some of a user's fields", body=UserUpdate, response=UserPublic, errors=(409, 412)
+read_user = read_handler(User, UserPublic, what="user")
+update_user = update_handler(
+    User,
+    UserPublic,
+    body=UserUpdate,
+    apply=crud.update_user,
+    what="user",
+    summary="Update some of a user's fields",
 )
-async def update_user(request: Request) -> Response:
-    """Partial update, honouring If-Match."""
-    data = await read_body(request, UserUpdate)
-    session: AsyncSession = request.state.db
-    user = found(
-        await crud.get_user(session, uid=request.path_params["uid"], for_update=True), "user"
-    )
-    check_if_match(request, etag_of(user))
-    await crud.update_user(session, user=user, data=data)
-    await session.commit()
-    return resource_response(UserPublic, user)
-
-
-@operation(
-    "Delete a user with its conversations and messages", response=None, status=204, errors=(412,)
+delete_user = delete_handler(
+    User, what="user", summary="Delete a user with its conversations and messages"
 )
-async def delete_user(request: Request) -> Response:
-    """Delete, honouring If-Match; conversations and messages go with it."""
-    session: AsyncSession = request.state.db
-    user = found(
-        await crud.get_user(session, uid=request.path_params["uid"], for_update=True), "user"
-    )
-    check_if_match(request, etag_of(user))
-    await crud.delete_row(session, row=user)
-    await session.commit()
-    return Response(status_code=204)
-
 
 ROUTES = [
     MethodRoute("/users", GET=list_users, POST=create_user),
