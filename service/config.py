@@ -109,7 +109,7 @@ def load_settings(*, env_file: str | Path | None = ".env") -> Settings:
         "db_pool_timeout": env.float(
             "DB_POOL_TIMEOUT", 5.0, validate=Range(min=0, min_inclusive=False)
         ),
-        "db_statement_timeout_ms": env.int("DB_STATEMENT_TIMEOUT_MS", 15000, validate=not_negative),
+        "db_statement_timeout_ms": env.int("DB_STATEMENT_TIMEOUT_MS", 15000, validate=positive),
         "db_pgbouncer": env.bool("DB_PGBOUNCER", False),
         "init_db": env.bool("INIT_DB", True),
         "api_keys": env.list("API_KEYS", []),

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.config import Settings
 from service.db import autocommit, create_engine, create_sessionmaker, init_db
+from service.errors import from_database_error
 
 logger = logging.getLogger(__name__)
 # Well inside the 60 s a platform gives a process to bind its port.
@@ -44,6 +45,12 @@ async def wait_for_database(
             return
         except Exception as exc:
             reason = _describe(exc)
+            if not _is_transient(exc):
+                # A wrong password or database name will not fix itself: say so now.
+                raise StartupError(
+                    f"database {engine.url.render_as_string(hide_password=True)} "
+                    f"refused the service: {reason}"
+                ) from exc
             if time.monotonic() + delay >= give_up_at:
                 raise StartupError(
                     f"database {engine.url.render_as_string(hide_password=True)} did not answer "
@@ -54,9 +61,16 @@ async def wait_for_database(
             delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)
 
 
+def _is_transient(exc: Exception) -> bool:
+    """Down, unreachable, starting up or overloaded: worth waiting for."""
+    error = from_database_error(exc)
+    return error is not None and error.status == 503
+
+
 def _describe(exc: BaseException) -> str:
     """The driver's error class and first line (drivers never put the password there)."""
-    cause = getattr(exc, "orig", None) or exc
+    orig = getattr(exc, "orig", None)
+    cause = getattr(orig, "__cause__", None) or orig or exc  # the driver's own class
     first_line = next(iter(str(cause).splitlines()), "")
     return f"{type(cause).__name__}: {first_line}" if first_line else type(cause).__name__
 

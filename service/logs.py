@@ -35,8 +35,13 @@ def logging_config(level: str) -> dict[str, Any]:
             }
         },
         "loggers": {
-            name: {"handlers": [], "propagate": True}
-            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+            **{
+                name: {"handlers": [], "propagate": True}
+                for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+            },
+            # SQLAlchemy names a pool's logger after its class's module; keep
+            # ours as quiet as its own ("Pool disposed" is not news).
+            "service.pool": {"level": "WARNING"},
         },
         "root": {"handlers": ["stderr"], "level": level.upper()},
     }

@@ -121,6 +121,7 @@ def test_connection_pool_url_wins_and_turns_on_pgbouncer_mode(
         ("DB_POOL_TIMEOUT", "0"),
         ("DB_POOL_TIMEOUT", "soon"),
         ("DB_STATEMENT_TIMEOUT_MS", "1.5"),
+        ("DB_STATEMENT_TIMEOUT_MS", "0"),  # every wait must stay bounded
         ("DB_PGBOUNCER", "maybe"),
         ("INIT_DB", "perhaps"),
         ("MAX_BODY_BYTES", "0"),

@@ -21,11 +21,13 @@ from sqlalchemy.engine import make_url
 from tests.factories import user_body
 from tests.proxy import Mode, TcpProxy
 from tests.support import (
+    POSTGRES_ADMIN_URL,
     REPO,
     ServiceProcess,
     fetch_value,
     free_port,
     procfile_command,
+    require_postgres,
     running_service,
 )
 
@@ -81,6 +83,31 @@ def test_database_down_at_startup_exits_non_zero_with_one_line(
     assert "did not answer within 20 s" in errors[0]
     assert "Traceback" not in output
     assert PASSWORD not in output
+
+
+@pytest.mark.postgres
+def test_a_database_that_refuses_the_service_fails_fast(tmp_path: Path) -> None:
+    """A wrong database name will not fix itself: no point retrying for 20 s."""
+    require_postgres()
+    url = make_url(POSTGRES_ADMIN_URL).set(database="no_such_database_here")
+    env = {**os.environ, "DATABASE_URL": url.render_as_string(hide_password=False)}
+
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode != 0
+    assert time.monotonic() - started < 10
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1
+    assert 'database "no_such_database_here" does not exist' in errors[0]
 
 
 @pytest.mark.postgres
