@@ -33,14 +33,12 @@ access_logger = logging.getLogger("service.access")
 
 # Heroku's router passes on an incoming X-Request-ID of this shape, so we do too.
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9+/=-]{20,200}")
+SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 
 def is_open_path(path: str) -> bool:
     """Health checks stay reachable without a key: monitors and routers carry none."""
     return path == "/health" or path.startswith("/health/")
-
-
-SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 
 def with_state(scope: Scope, **values: object) -> Scope:
@@ -51,8 +49,9 @@ def with_state(scope: Scope, **values: object) -> Scope:
 class RequestContextMiddleware:
     """Request id, one access-log line per request, and the last-resort 500.
 
-    Being outermost, it is the one place that sees every response, so the
-    request id lands in every response header, problem body and log line.
+    Being the outermost of ours (only Starlette's own error safety net wraps
+    it), it sees every response, so the request id lands in every response
+    header, problem body and log line.
     """
 
     def __init__(self, app: ASGIApp) -> None:
