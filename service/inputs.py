@@ -51,6 +51,8 @@ async def read_body(request: Request, model: type[ModelT]) -> ModelT:
         data = json.loads(body)
     except ValueError as exc:  # includes bodies that are not UTF-8
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
     try:

@@ -134,6 +134,16 @@ class RequestState(dict[str, Any]):
         return session
 
 
+async def _release(session: AsyncSession, *, failed: bool) -> None:
+    """Close the session; after an unexpected error or a cancellation the connection
+    may be mid-statement (an autocommit read has no transaction to roll back), so
+    it is invalidated rather than trusted back into the pool."""
+    if failed:
+        await session.invalidate()
+    else:
+        await session.close()
+
+
 class DBSessionMiddleware:
     """Gives each HTTP request its own AsyncSession at `request.state.db`.
 
@@ -164,10 +174,14 @@ class DBSessionMiddleware:
         else:
             open_session = sessionmaker
         state = RequestState(shared, open_session=open_session)
+        failed = False
         try:
             await self.app({**scope, "state": state}, receive, send)
+        except BaseException:
+            failed = True
+            raise
         finally:
             session = state.get("db")  # get() does not open one
             if session is not None:
                 with anyio.CancelScope(shield=True):
-                    await session.close()
+                    await _release(session, failed=failed)

@@ -134,10 +134,13 @@ def _page_parameters() -> list[dict[str, Any]]:
 
 def _responses(op: Operation, *, with_content: bool) -> dict[str, Any]:
     """Success and problem responses; HEAD answers carry no content to describe."""
-    success: dict[str, Any] = {"description": HTTPStatus(op.status).phrase}
-    if op.response is not None and with_content:
-        success["content"] = {op.media_type: {"schema": _schema_ref(op.response)}}
-    responses: dict[str, Any] = {str(status): success for status in (op.status, *op.also)}
+    responses: dict[str, Any] = {}
+    for status in (op.status, *op.also):
+        responses[str(status)] = {"description": HTTPStatus(status).phrase}
+        if op.response is not None and with_content:
+            responses[str(status)]["content"] = {
+                op.media_type: {"schema": _schema_ref(op.response)}
+            }
     statuses = set(op.errors) | {500}
     if not op.public:
         statuses |= set(COMMON_ERRORS)

@@ -9,7 +9,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Select, tuple_
@@ -20,6 +20,8 @@ from service.errors import ValidationFailed
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
+# An issued cursor is about 90 characters; a longer one is not ours.
+MAX_CURSOR_CHARS = 200
 RowT = TypeVar("RowT", bound=Any)
 
 
@@ -36,17 +38,26 @@ class Cursor:
 
     @classmethod
     def decode(cls, token: str) -> Cursor:
+        """Accept exactly what `encode` makes: anything else is a 422, never a 500
+        nor a value the database driver cannot bind."""
+        invalid = ValidationFailed.single(["query", "cursor"], "not a cursor this service issued")
+        if len(token) > MAX_CURSOR_CHARS:
+            raise invalid
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-            at, uid = json.loads(raw)
-            cursor = cls(at=datetime.fromisoformat(at), uid=uuid.UUID(hex=uid))
-            if cursor.at.tzinfo is None:
-                raise ValueError("naive timestamp")
-        except (binascii.Error, ValueError, TypeError) as exc:
-            raise ValidationFailed.single(
-                ["query", "cursor"], "not a cursor this service issued"
-            ) from exc
-        return cursor
+            decoded = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+            if not (
+                isinstance(decoded, list)
+                and len(decoded) == 2
+                and all(isinstance(part, str) for part in decoded)
+            ):
+                raise invalid
+            at = datetime.fromisoformat(decoded[0])
+            uid = uuid.UUID(hex=decoded[1])
+        except (binascii.Error, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            raise invalid from exc
+        if at.utcoffset() != timedelta(0):  # the service only issues UTC cursors
+            raise invalid
+        return cls(at=at, uid=uid)
 
 
 @dataclass(frozen=True)
@@ -60,10 +71,9 @@ class PageRequest:
         raw_limit = request.query_params.get("limit")
         limit = DEFAULT_LIMIT
         if raw_limit is not None:
-            if (
-                not raw_limit.isascii()
-                or not raw_limit.isdigit()
-                or not (1 <= int(raw_limit) <= MAX_LIMIT)
+            # At most 3 ASCII digits before int(): thousands of digits make it raise.
+            if not (len(raw_limit) <= 3 and raw_limit.isascii() and raw_limit.isdigit()) or not (
+                1 <= int(raw_limit) <= MAX_LIMIT
             ):
                 raise ValidationFailed.single(
                     ["query", "limit"], f"must be a whole number from 1 to {MAX_LIMIT}"

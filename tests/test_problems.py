@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ def assert_problem(response, status: int) -> dict:  # type: ignore[no-untyped-de
     return body
 
 
-@pytest.mark.parametrize("raw", [b"{", b"", b"\xff\xfe", b"{'a': 1}"])
+@pytest.mark.parametrize("raw", [b"{", b"", b"\xff\xfe", b"{'a': 1}", b"[" * 5000 + b"]" * 5000])
 def test_body_that_is_not_json_is_400(client: TestClient, raw: bytes) -> None:
     response = client.post("/users", content=raw, headers={"content-type": "application/json"})
 
@@ -175,14 +176,29 @@ def test_wrong_method_is_405_with_allow(
     assert {m.strip() for m in response.headers["allow"].split(",")} == allowed
 
 
-@pytest.mark.parametrize("limit", ["0", "201", "-1", "ten", "1.5", "٣"])
+@pytest.mark.parametrize("limit", ["0", "201", "-1", "ten", "1.5", "٣", "0050", "9" * 5000])
 def test_bad_limit_is_422(client: TestClient, limit: str) -> None:
     body = assert_problem(client.get("/users", params={"limit": limit}), 422)
 
     assert body["errors"][0]["loc"] == ["query", "limit"]
 
 
-@pytest.mark.parametrize("cursor", ["garbage", "e30", "WyJ4IiwgInkiXQ"])
+def _cursor(value: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "garbage",
+        "e30",
+        "WyJ4IiwgInkiXQ",
+        _cursor(["2026-01-01T00:00:00+00:00", 5]),
+        _cursor(["2026-01-01T00:00:00", uuid.uuid4().hex]),
+        _cursor(["0001-01-01T00:00:00+14:00", uuid.uuid4().hex]),
+        base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).decode(),
+    ],
+)
 def test_bad_cursor_is_422(client: TestClient, cursor: str) -> None:
     body = assert_problem(client.get("/users", params={"cursor": cursor}), 422)
 
