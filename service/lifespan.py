@@ -49,7 +49,7 @@ async def wait_for_database(
                 # A wrong password or database name will not fix itself: say so now.
                 raise StartupError(
                     f"database {engine.url.render_as_string(hide_password=True)} "
-                    f"refused the service: {reason}"
+                    f"refused the service: {reason}{_hint(exc)}"
                 ) from exc
             if time.monotonic() + delay >= give_up_at:
                 raise StartupError(
@@ -65,6 +65,13 @@ def _is_transient(exc: Exception) -> bool:
     """Down, unreachable, starting up or overloaded: worth waiting for."""
     error = from_database_error(exc)
     return error is not None and error.status == 503
+
+
+def _hint(exc: Exception) -> str:
+    """What the operator most likely has to change, for errors that have one answer."""
+    if "prepared statement" in str(exc):
+        return " (if DATABASE_URL points at PgBouncer in transaction mode, set DB_PGBOUNCER=true)"
+    return ""
 
 
 def _describe(exc: BaseException) -> str:

@@ -152,14 +152,22 @@ def test_without_pgbouncer_mode_the_same_load_fails(postgres_url: str, tmp_path:
             "DB_PGBOUNCER": "false",
             "WEB_CONCURRENCY": "4",
         }
-        # Workers retry startup on the same errors, so the first may take a while.
+        # It either refuses to start (the startup check itself trips over the
+        # prepared statements, which is not worth retrying) or starts and fails
+        # under load: both prove the flag is what makes the bouncer safe.
         with running_service(env, tmp_path=tmp_path, wait=False) as service:
-            wait_until_live(service, timeout=CONTROL_STARTUP_SECONDS)
-            load = asyncio.run(_load(service, postgres_url))
+            try:
+                wait_until_live(service, timeout=CONTROL_STARTUP_SECONDS)
+            except AssertionError:
+                load = None
+            else:
+                load = asyncio.run(_load(service, postgres_url))
 
-    errors = [status for _, status in load.outcomes if status >= 500]
-    assert errors
     assert "prepared statement" in service.log()
+    if load is None:
+        assert "set DB_PGBOUNCER=true" in service.log()  # the operator is told the fix
+    else:
+        assert [status for _, status in load.outcomes if status >= 500]
 
 
 def test_the_bouncer_refuses_statement_timeout_at_connect(bouncer: PgBouncer) -> None:
