@@ -41,6 +41,10 @@ def _postgres_connect_args(settings: Settings) -> dict[str, Any]:
             "command_timeout": statement_timeout,
             "statement_cache_size": 0,
             "prepared_statement_cache_size": 0,
+            # asyncpg's default 'utf-8' never matches the server's UTF8 in
+            # PgBouncer's eyes, which then sends SET client_encoding before
+            # every transaction: one round trip each, for nothing.
+            "server_settings": {"client_encoding": "UTF8"},
         }
     return {
         "timeout": CONNECT_TIMEOUT_SECONDS,
