@@ -52,6 +52,23 @@ def count_tables(url: str) -> int:
     )
 
 
+def serve_until_exit(
+    database_url: str, *, tmp_path: Path
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run `python -m service serve` until it gives up; its output and how long it took."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve"],
+        cwd=tmp_path,
+        env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return result, time.monotonic() - started
+
+
 # -- startup -------------------------------------------------------------------
 
 
@@ -62,18 +79,9 @@ def test_database_down_at_startup_exits_non_zero_with_one_line(
 ) -> None:
     with TcpProxy.running("127.0.0.1", 5432) as proxy:
         proxy.set_mode(mode)
-        env = {**os.environ, "DATABASE_URL": with_password(through(proxy, postgres_url))}
-        started = time.monotonic()
-        result = subprocess.run(
-            [sys.executable, "-m", "service", "serve"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        result, took = serve_until_exit(
+            with_password(through(proxy, postgres_url)), tmp_path=tmp_path
         )
-        took = time.monotonic() - started
 
     output = result.stdout + result.stderr
     errors = [line for line in output.splitlines() if " ERROR " in line]
@@ -90,21 +98,11 @@ def test_a_database_that_refuses_the_service_fails_fast(tmp_path: Path) -> None:
     """A wrong database name will not fix itself: no point retrying for 20 s."""
     require_postgres()
     url = make_url(POSTGRES_ADMIN_URL).set(database="no_such_database_here")
-    env = {**os.environ, "DATABASE_URL": url.render_as_string(hide_password=False)}
 
-    started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "serve"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result, took = serve_until_exit(url.render_as_string(hide_password=False), tmp_path=tmp_path)
 
     assert result.returncode != 0
-    assert time.monotonic() - started < 10
+    assert took < 10
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1
     assert 'database "no_such_database_here" does not exist' in errors[0]
