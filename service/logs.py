@@ -41,7 +41,7 @@ def logging_config(level: str) -> dict[str, Any]:
             },
             # SQLAlchemy names a pool's logger after its class's module; keep
             # ours as quiet as its own ("Pool disposed" is not news).
-            "service.pool": {"level": "WARNING"},
+            "service.db.pool": {"level": "WARNING"},
         },
         "root": {"handlers": ["stderr"], "level": level.upper()},
     }

@@ -11,7 +11,7 @@ from sqlalchemy.util.queue import Empty
 
 from service.config import Settings
 from service.db import create_engine
-from service.pool import HandOffQueue
+from service.db.pool import HandOffQueue
 from tests.conftest import make_settings
 
 

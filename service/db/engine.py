@@ -1,28 +1,25 @@
-"""The database layer: the engine (pool and timeouts from settings), the one
-sessionmaker, and `init_db`."""
+"""The engine (pool and timeouts from settings), its autocommit view for reads,
+and the one sessionmaker."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import event
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
-from sqlmodel import Session, SQLModel
+from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from service import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from service.config import Settings
-from service.pool import FairAsyncQueuePool
+from service.db.pool import FairAsyncQueuePool
 
 CONNECT_TIMEOUT_SECONDS = 5.0
 # Client-side bound on a command beyond the server's statement_timeout, so a
 # server that silently stops answering cannot hold a request forever.
 COMMAND_TIMEOUT_MARGIN_SECONDS = 1.0
 SQLITE_BUSY_TIMEOUT_SECONDS = 5.0
-# pg_advisory_xact_lock key that serialises init_db across workers and dynos.
-INIT_DB_LOCK_KEY = 0x5E55_1017
 
 
 def _postgres_connect_args(settings: Settings) -> dict[str, Any]:
@@ -104,17 +101,6 @@ class ReadOnlySession(Session):
 def _refuse_flush(session: Session, *_: object) -> None:
     if session.new or session.dirty or session.deleted:
         raise RuntimeError("a GET or HEAD handler tried to write to the database")
-
-
-async def init_db(engine: AsyncEngine) -> None:
-    """Create missing tables. Idempotent; on PostgreSQL an advisory lock lets
-    several workers run it at once on an empty database."""
-    async with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            await connection.execute(
-                text("SELECT pg_advisory_xact_lock(:key)"), {"key": INIT_DB_LOCK_KEY}
-            )
-        await connection.run_sync(SQLModel.metadata.create_all)
 
 
 def pool_status(engine: AsyncEngine) -> dict[str, int]:
