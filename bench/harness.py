@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 OUT = BENCH / "out"
 VENV = ROOT / ".venv"
+# The peers run in a venv of their own, so their frameworks never enter the service's.
+PEER_VENV = BENCH / ".venv-peers"
+PEER_REQUIREMENTS = BENCH / "peers-requirements.txt"
 PG_URL = "postgresql://postgres@127.0.0.1:5432"
 
 POOL_SIZE, MAX_OVERFLOW = 5, 5  # a pool of 10, as the performance issue fixes it
@@ -75,6 +78,37 @@ def ensure_tool(binary: str, package: str) -> str:
     if not found:
         raise SystemExit(f"{binary} is still missing after apt-get install -y {package}")
     return found
+
+
+def ensure_peer_venv() -> str:
+    """The python of bench/.venv-peers, created or brought in line with the pinned
+    requirements when they differ from what it was last installed from."""
+    python = PEER_VENV / "bin" / "python"
+    installed = PEER_VENV / "installed-requirements.txt"
+    wanted = PEER_REQUIREMENTS.read_text()
+    if python.exists() and installed.exists() and installed.read_text() == wanted:
+        return str(python)
+    log(f"installing {PEER_REQUIREMENTS.name} into {PEER_VENV.relative_to(ROOT)}")
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    done = subprocess.run(
+        [*pip, "-r", str(PEER_REQUIREMENTS)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"pip could not install the peers' requirements:\n{done.stderr[-2000:]}")
+    installed.write_text(wanted)
+    return str(python)
+
+
+def peer_versions() -> str:
+    """The pinned frameworks of the peers, for the report: `fastapi 0.165.0, ...`."""
+    pins = []
+    for line in PEER_REQUIREMENTS.read_text().splitlines():
+        name, _, version = line.partition("==")
+        if version and name in ("fastapi", "advanced-alchemy", "sqlmodel"):
+            pins.append(f"{name} {version}")
+    return ", ".join(pins)
 
 
 def web_command() -> str:
@@ -277,11 +311,14 @@ def start_service(
     return spawn(name, ["/bin/sh", "-c", web_command()], env, port, logs)
 
 
-def start_uvicorn(name: str, app: str, url: str, logs: Path) -> Server:
-    """A reference app from bench/ under one uvicorn worker, with the service's settings."""
+def start_uvicorn(
+    name: str, app: str, url: str, logs: Path, *, python: str = sys.executable
+) -> Server:
+    """A reference app from bench/ under one uvicorn worker, with the service's settings;
+    `python` is the interpreter of the venv it runs in (the project's by default)."""
     port = free_port()
     command = [
-        sys.executable, "-m", "uvicorn", app, "--app-dir", str(BENCH),
+        python, "-m", "uvicorn", app, "--app-dir", str(BENCH),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--log-level", "warning", "--no-access-log", "--no-server-header",
     ]  # fmt: skip
@@ -422,4 +459,5 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
 
 
 def _is_number(cell: str) -> bool:
+    cell = cell.lstrip("*")  # a bold figure is still a figure
     return cell == "" or cell[0].isdigit() or cell[0] in "+-"
