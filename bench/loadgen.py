@@ -16,6 +16,9 @@ CONNECTIONS, THREADS = 32, 2
 WRK_TIMEOUT = "10s"  # above any latency we expect, so slow requests count in p99
 
 SERVICE, BASELINE, BARE = "service", "baseline", "bare"
+# The two designs a user would pick instead of the service (bench/peer_*.py).
+SEED, ADVANCED_ALCHEMY = "seed", "advanced-alchemy"
+PEERS = (SEED, ADVANCED_ALCHEMY)
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,8 @@ class Workload:
     script: str  # Lua that generates requests ("" for the static path)
     reference: str  # the target the service is compared with
     goal: float  # the service's req/s must be at least goal x the reference's
-    targets: tuple[str, ...] = (SERVICE, BASELINE)
+    targets: tuple[str, ...] = (SERVICE, BASELINE, *PEERS)
+    method: str = "GET"
 
 
 READ_LUA = """
@@ -91,9 +95,9 @@ end
 
 WORKLOADS = (
     Workload("read", "/users/{uid}", READ_LUA, BASELINE, 0.5),
-    Workload("write", "/users", WRITE_LUA, BASELINE, 0.4),
+    Workload("write", "/users", WRITE_LUA, BASELINE, 0.4, method="POST"),
     Workload("list", "/users?limit=50", "", BASELINE, 0.5),
-    Workload("live", "/health/live", "", BARE, 0.95, (SERVICE, BASELINE, BARE)),
+    Workload("live", "/health/live", "", BARE, 0.95, (SERVICE, BASELINE, BARE, *PEERS)),
     Workload("health", "/health", "", BASELINE, 0.5),
 )
 WORKLOADS_BY_NAME = {workload.name: workload for workload in WORKLOADS}

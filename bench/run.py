@@ -1,17 +1,22 @@
-"""The service side by side with a hand-written baseline and a bare app, and
-the service scaled out to several workers, direct and through PgBouncer.
+"""The service side by side with a hand-written baseline, a bare app and the two peers a
+user would pick instead, and the service scaled out to several workers, direct and
+through PgBouncer.
 
-    .venv/bin/python bench/run.py      (from the repo root; re-runs itself in .venv)
+    .venv/bin/python bench/run.py           (from the repo root; re-runs itself in .venv)
+    .venv/bin/python bench/run.py --quick   (a smoke test: every column, meaningless figures)
 
-It installs wrk (and pgbouncer) if missing, creates fresh databases on the local
-PostgreSQL (one for the service, one for the baseline, one for the scale-out),
-runs the service's init-db and seeds the same users in each, then starts the
-service from the Procfile's `web:` command with one worker, and
-`bench/baseline_app.py` and `bench/bare_app.py` under uvicorn. Every target is
-loaded with wrk in interleaved rounds (so a slow minute of the machine hits
-every target alike); the table gives the median req/s, p50 and p99 per target
-and workload and the service's ratio to its reference, next to the targets of
-the performance issue. It also measures the service's RSS growth over 100,000
+It installs wrk (and pgbouncer) if missing, and the peers' pinned requirements
+(bench/peers-requirements.txt) into bench/.venv-peers; creates fresh databases on the
+local PostgreSQL (one each for the service, the baseline, each peer, the scale-out),
+runs the service's init-db and seeds the same users in each, then starts the service
+from the Procfile's `web:` command with one worker, and `bench/baseline_app.py`,
+`bench/bare_app.py`, `bench/peer_seed.py` (the seed's FastAPI + SQLModel design) and
+`bench/peer_advanced_alchemy.py` (advanced-alchemy's Starlette extension) under
+uvicorn. Every target is loaded with wrk in interleaved rounds (so a slow minute of
+the machine hits every target alike); the first table is the performance issue's
+(req/s per workload: raw or bare, the peers, the service, and the service's ratios),
+the next gives the median req/s, p50 and p99 per target and workload, then the
+verdicts against the issue's goals. It also measures the service's RSS growth over 100,000
 more requests and the time from exec to the first 200 on /health, and ends with
 the scale-out scenario (bench/scale.py: 1, 2 and 4 workers, direct and through
 PgBouncer). Results go to stdout and bench/out/results-<ts>.md. Everything it
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import statistics
@@ -43,6 +49,7 @@ from harness import (
     cleanup_on_exit,
     cpu_model,
     database_url,
+    ensure_peer_venv,
     ensure_tool,
     fresh_database,
     get,
@@ -51,6 +58,7 @@ from harness import (
     load_average,
     log,
     markdown_table,
+    peer_versions,
     reexec_in_venv,
     rss_kib,
     seed_rows,
@@ -63,9 +71,12 @@ from harness import (
     web_command,
 )
 from loadgen import (
+    ADVANCED_ALCHEMY,
     BARE,
     BASELINE,
     CONNECTIONS,
+    PEERS,
+    SEED,
     SERVICE,
     THREADS,
     WORKLOADS,
@@ -81,6 +92,12 @@ from scale import run_scale_out, scale_section
 WARMUP_SECONDS = 2
 STARTUP_TRIALS = 3
 P99_GOAL = 2.0  # the service's p99 at most this many times its reference's
+PEER_GOAL = 1.3  # the service's req/s at least this many times each peer's
+PEER_APPS = {SEED: "peer_seed:app", ADVANCED_ALCHEMY: "peer_advanced_alchemy:app"}
+QUICK_WARNING = (
+    "**--quick: a smoke test of the harness. One short round per target; these figures "
+    "compare nothing.**"
+)
 RSS_GOAL_PERCENT = 5.0
 FIRST_200_GOAL_SECONDS = 1.5
 
@@ -106,6 +123,7 @@ def run_rounds(
     *,
     rounds: int,
     seconds: int,
+    warmup: int,
     context: Context,
 ) -> Results:
     """A warm-up per pair, then rounds that alternate the order of targets, so
@@ -113,7 +131,7 @@ def run_rounds(
     for workload in WORKLOADS:
         for target in workload.targets:
             url = url_for(servers[target].url, workload)
-            run_wrk(wrk, url, scripts[workload.name], WARMUP_SECONDS, f"warm-{target}")
+            run_wrk(wrk, url, scripts[workload.name], warmup, f"warm-{target}")
     results: Results = {}
     for number in range(rounds):
         for workload in WORKLOADS:
@@ -122,7 +140,7 @@ def run_rounds(
                 url = url_for(servers[target].url, workload)
                 result = run_wrk(wrk, url, scripts[workload.name], seconds, f"r{number}-{target}")
                 results.setdefault((workload.name, target), []).append(result)
-                log(f"round {number + 1}/{rounds} {workload.name:6} {target:8} {describe(result)}")
+                log(f"round {number + 1}/{rounds} {workload.name:6} {target:16} {describe(result)}")
         context.loads.append(load_average())
     return results
 
@@ -181,6 +199,27 @@ def same_bodies(service: Server, baseline: Server, uid: str) -> list[str]:
     return differ
 
 
+def _json_answer(server: Server, path: str) -> tuple[int, object] | None:
+    answer = get(server.port, path)
+    if answer is None:
+        return None
+    try:
+        return answer[0], json.loads(answer[1])
+    except ValueError:
+        return answer[0], answer[1]
+
+
+def same_json(service: Server, peer: Server, uid: str) -> list[str]:
+    """Paths where a peer's status or JSON differs from the service's. Its framework
+    may space or order the JSON its own way and send other headers, but the values
+    must be the service's, or the peer is not doing the same work."""
+    return [
+        path
+        for path in (f"/users/{uid}", "/users?limit=50")
+        if _json_answer(service, path) != _json_answer(peer, path)
+    ]
+
+
 # -- report --------------------------------------------------------------------------
 
 
@@ -204,11 +243,13 @@ def summarise(results: list[WrkResult]) -> Summary:
 
 @dataclass(frozen=True)
 class Comparison:
-    """The service against its reference on one workload, and the issue's verdicts."""
+    """The service against its reference and the peers on one workload, and the issue's
+    verdicts."""
 
     workload: Workload
     service: Summary
     reference: Summary
+    peers: dict[str, Summary]
 
     @property
     def rps_ratio(self) -> float:
@@ -226,16 +267,53 @@ class Comparison:
     def p99_ok(self) -> bool:
         return self.p99_ratio <= P99_GOAL
 
+    def peer_ratio(self, peer: str) -> float:
+        return self.service.rps / self.peers[peer].rps
+
 
 def compare(summaries: dict[tuple[str, str], Summary]) -> list[Comparison]:
     return [
-        Comparison(w, summaries[(w.name, SERVICE)], summaries[(w.name, w.reference)])
+        Comparison(
+            w,
+            summaries[(w.name, SERVICE)],
+            summaries[(w.name, w.reference)],
+            {peer: summaries[(w.name, peer)] for peer in PEERS},
+        )
         for w in WORKLOADS
     ]
 
 
 def verdict(ok: bool) -> str:
     return "ok" if ok else "**MISSED**"
+
+
+def _ratio(value: float, goal: float) -> str:
+    """A ratio of req/s, in bold when it misses its goal."""
+    text = f"{value:.2f}x"
+    return text if value >= goal else f"**{text}**"
+
+
+def issue_table(comparisons: list[Comparison]) -> list[str]:
+    """The performance issue's table: req/s of raw asyncpg (bare Starlette for live), each
+    peer and the service, and the service's ratio to each; a ratio under its goal
+    (the ceiling's per workload, PEER_GOAL for the peers) is in bold."""
+    rows = []
+    for c in comparisons:
+        workload = c.workload
+        reference = f"{c.reference.rps:,.0f}" + (" (bare)" if workload.reference == BARE else "")
+        rows.append([
+            f"{workload.name} `{workload.method} {workload.path}`",
+            reference,
+            *(f"{c.peers[peer].rps:,.0f}" for peer in PEERS),
+            f"{c.service.rps:,.0f}",
+            _ratio(c.rps_ratio, workload.goal),
+            *(_ratio(c.peer_ratio(peer), PEER_GOAL) for peer in PEERS),
+        ])  # fmt: skip
+    header = [
+        "workload", "raw / bare", "seed design", "advanced-alchemy", "this service",
+        "service vs raw", "vs seed", "vs advanced-alchemy",
+    ]  # fmt: skip
+    return markdown_table(header, rows)
 
 
 def throughput_table(
@@ -273,6 +351,16 @@ def checks_table(
     ]
     rows += [
         [
+            f"{c.workload.name} req/s, service/{peer}",
+            f"{c.peer_ratio(peer):.2f}x ({c.service.rps:.0f} vs {c.peers[peer].rps:.0f})",
+            f"≥ {PEER_GOAL}x",
+            verdict(c.peer_ratio(peer) >= PEER_GOAL),
+        ]
+        for c in comparisons
+        for peer in PEERS
+    ]
+    rows += [
+        [
             f"{c.workload.name} p99, service/{c.workload.reference}",
             f"{c.p99_ratio:.2f}x ({c.service.p99_ms:.1f} vs {c.reference.p99_ms:.1f} ms)",
             f"≤ {P99_GOAL}x",
@@ -300,21 +388,37 @@ def checks_table(
     return markdown_table(["check", "measured", "goal", "verdict"], rows)
 
 
-def machine_lines(args: argparse.Namespace, context: Context, differ: list[str]) -> list[str]:
+def parity_text(differ: dict[str, list[str]]) -> str:
+    """Whether the baseline sent the service's bytes and the peers its JSON values."""
+    if not any(differ.values()):
+        return (
+            "on a read and a list the baseline sends the service's bytes and the peers "
+            "its JSON values"
+        )
+    return "; ".join(
+        f"{target}'s {'bytes' if target == BASELINE else 'JSON'} DIFFER from the service's "
+        f"on {', '.join(paths)}"
+        for target, paths in differ.items()
+        if paths
+    )
+
+
+def machine_lines(
+    args: argparse.Namespace, context: Context, differ: dict[str, list[str]]
+) -> list[str]:
     """What ran where, so a reader can judge how comparable two reports are."""
     cores = os.cpu_count()
-    parity = (
-        f"the baseline's bytes DIFFER from the service's on {', '.join(differ)}"
-        if differ
-        else "the baseline sends the same bytes as the service on a read and a list"
-    )
     return [
         f"- machine: {cores} cores, {cpu_model()}; Python {sys.version.split()[0]}; "
         f"commit {context.commit}",
         f"- load: wrk, {CONNECTIONS} connections, {THREADS} threads, {args.duration} s per run, "
         f"{args.rounds} interleaved rounds (medians shown); pool {POOL_SIZE}+{MAX_OVERFLOW} "
-        f"in both apps; {args.users} seeded users; one uvicorn worker each; {parity}",
+        f"in every app; {args.users} seeded users; one uvicorn worker each; "
+        f"{parity_text(differ)}",
         f"- service: Procfile `web: {web_command()}`, WEB_CONCURRENCY=1, LOG_LEVEL=warning",
+        f"- peers (bench/peers-requirements.txt, in bench/.venv-peers): seed design = "
+        f"bench/peer_seed.py, advanced-alchemy = bench/peer_advanced_alchemy.py; "
+        f"{peer_versions()}",
         f"- 1-minute load average {context.loads[0]:.2f} at start; "
         f"{', '.join(f'{load:.2f}' for load in context.loads[1:])} after each round; "
         f"{load_average():.2f} at end (well above ~1 means other work shared the {cores} cores)",
@@ -327,15 +431,21 @@ def report(
     results: Results,
     rss: RssResult | None,
     first_200: list[float],
-    differ: list[str],
+    differ: dict[str, list[str]],
     scale: list[str],
 ) -> str:
     summaries = {key: summarise(value) for key, value in results.items()}
     comparisons = compare(summaries)
+    quick = [QUICK_WARNING, ""] if args.quick else []
     return "\n".join([
         f"# Benchmark {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "",
+        *quick,
         *machine_lines(args, context, differ),
+        "",
+        "req/s, medians over rounds (p50, p99 and errors per target in the next table):",
+        "",
+        *issue_table(comparisons),
         "",
         *throughput_table(summaries, comparisons),
         "",
@@ -368,19 +478,34 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--no-scale", action="store_true", help="skip the scale-out scenario (1, 2, 4 workers)"
     )
-    return parser.parse_args()
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test of the harness: 1 round of 2 s runs, 1 s warm-ups, one startup "
+        "trial, no RSS check, no scale-out (overrides those options; ~2 minutes)",
+    )
+    args = parser.parse_args()
+    args.warmup, args.startup_trials = WARMUP_SECONDS, STARTUP_TRIALS
+    if args.quick:
+        args.rounds, args.duration, args.warmup, args.startup_trials = 1, 2, 1, 1
+        args.rss_requests, args.no_scale = 0, True
+    return args
 
 
 def start_targets(
-    stack: contextlib.ExitStack, databases: dict[str, str], logs: Path
+    stack: contextlib.ExitStack, databases: dict[str, str], logs: Path, *, peer_python: str
 ) -> dict[str, Server]:
-    """The service, the baseline and the bare app, each answering before it returns."""
+    """The service, the baseline, the bare app and the peers (in their own venv), each
+    answering before it returns."""
     service_url, baseline_url = database_url(databases[SERVICE]), database_url(databases[BASELINE])
     servers = {
         SERVICE: started(stack, start_service(service_url, logs)),
         BASELINE: started(stack, start_uvicorn(BASELINE, "baseline_app:app", baseline_url, logs)),
         BARE: started(stack, start_uvicorn(BARE, "bare_app:app", baseline_url, logs)),
     }
+    for peer, app in PEER_APPS.items():
+        url = database_url(databases[peer])
+        servers[peer] = started(stack, start_uvicorn(peer, app, url, logs, python=peer_python))
     for name, server in servers.items():
         wait_ready(server, "/health/live" if name == BARE else "/health")
     return servers
@@ -406,27 +531,31 @@ def scale_out(
 def benchmark(args: argparse.Namespace, stack: contextlib.ExitStack, stamp: str) -> str:
     context = Context(commit=git_commit(), loads=[load_average()])
     wrk = ensure_tool("wrk", "wrk")
+    peer_python = ensure_peer_venv()
     logs = OUT / f"logs-{stamp}"
     logs.mkdir(parents=True, exist_ok=True)
     scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
     rows = seed_rows(args.users)
     databases = {
-        name: fresh_database(stack, f"bench_{name}_{os.getpid()}", rows)
-        for name in (SERVICE, BASELINE)
+        name: fresh_database(stack, f"bench_{name.replace('-', '_')}_{os.getpid()}", rows)
+        for name in (SERVICE, BASELINE, *PEERS)
     }
     log(f"seeded {args.users} users in {', '.join(databases.values())}")
 
-    first_200 = time_first_200(databases[SERVICE], logs, STARTUP_TRIALS)
+    first_200 = time_first_200(databases[SERVICE], logs, args.startup_trials)
     log(f"exec → first 200 on /health: {', '.join(f'{t:.2f}' for t in first_200)} s")
 
-    servers = start_targets(stack, databases, logs)
+    servers = start_targets(stack, databases, logs, peer_python=peer_python)
     log(f"service pid {server_pid(servers[SERVICE])}; logs in {logs}")
-    differ = same_bodies(servers[SERVICE], servers[BASELINE], str(rows[0][0]))
+    uid = str(rows[0][0])
+    differ = {BASELINE: same_bodies(servers[SERVICE], servers[BASELINE], uid)}
+    differ |= {peer: same_json(servers[SERVICE], servers[peer], uid) for peer in PEERS}
 
     scripts = write_scripts(scratch, [str(row[0]) for row in rows])
     results = run_rounds(
-        wrk, servers, scripts, rounds=args.rounds, seconds=args.duration, context=context
-    )
+        wrk, servers, scripts, rounds=args.rounds, seconds=args.duration, warmup=args.warmup,
+        context=context,
+    )  # fmt: skip
 
     rss = None
     if args.rss_requests > 0:
