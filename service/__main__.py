@@ -1,5 +1,5 @@
 """Command line: `python -m service [serve]` runs the web server, `python -m service
-init-db` creates the tables (the Procfile's release phase)."""
+init-db` brings the schema to the latest revision (the Procfile's release phase)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ logger = logging.getLogger("service")
 
 async def _check_database(settings: Settings) -> None:
     """Wait for the database (and run init_db when asked) in this process, so a database
-    that stays down ends startup here, even when several workers would be forked."""
+    that stays down, or a migration that fails, ends startup here, even when several
+    workers would be forked."""
     engine = await start(settings)
     await engine.dispose()
 
@@ -42,10 +43,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"configuration error: {line}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    # The release phase always creates the tables; the web command only waits for
-    # the database here and leaves init_db to each worker's lifespan (INIT_DB).
+    # The release phase always migrates. The web command migrates here too when
+    # INIT_DB is on, once, before any worker starts: the workers' own init_db then
+    # finds the latest revision and does nothing.
     try:
-        asyncio.run(_check_database(replace(settings, init_db=args.command == "init-db")))
+        asyncio.run(
+            _check_database(
+                replace(settings, init_db=settings.init_db or args.command == "init-db")
+            )
+        )
     except StartupError as exc:
         logger.error("startup failed: %s", exc)
         return 1

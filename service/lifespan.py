@@ -1,4 +1,4 @@
-"""The ASGI lifespan: engine up, database reachable, `init_db`, engine down.
+"""The ASGI lifespan: engine up, database reachable, `init_db` (migrations), engine down.
 
 It is a plain ASGI layer rather than Starlette's lifespan hook so that a
 database that stays down ends startup with one clear line (sent as the
@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.config import Settings
-from service.db import autocommit, create_engine, create_sessionmaker, init_db
+from service.db import SchemaMismatch, autocommit, create_engine, create_sessionmaker, init_db
 from service.errors import from_database_error
 
 logger = logging.getLogger(__name__)
@@ -31,30 +31,43 @@ class StartupError(Exception):
 
 
 async def wait_for_database(
-    engine: AsyncEngine, *, deadline_seconds: float = STARTUP_DEADLINE_SECONDS
+    engine: AsyncEngine,
+    *,
+    migrate: bool = False,
+    deadline_seconds: float = STARTUP_DEADLINE_SECONDS,
 ) -> None:
-    """Retry one round trip with exponential backoff until it answers or time runs out."""
+    """Retry one round trip (and with `migrate`, `init_db`) with exponential backoff
+    until it succeeds or time runs out; a transient failure of a migration (the
+    database went away, the lock wait timed out) is retried like a connect."""
+    url = engine.url.render_as_string(hide_password=True)
     give_up_at = time.monotonic() + deadline_seconds
     delay = FIRST_RETRY_DELAY_SECONDS
     attempt = 0
     while True:
         attempt += 1
+        migrating = False
         try:
             async with engine.connect() as connection:
                 await connection.execute(text("SELECT 1"))
+            if migrate:
+                migrating = True
+                await init_db(engine)
             return
+        except SchemaMismatch as exc:
+            raise StartupError(f"init_db on {url}: {exc}") from exc
         except Exception as exc:
             reason = _describe(exc)
             if not _is_transient(exc):
+                if migrating:
+                    raise StartupError(f"init_db failed on {url}: {reason}") from exc
                 # A wrong password or database name will not fix itself: say so now.
                 raise StartupError(
-                    f"database {engine.url.render_as_string(hide_password=True)} "
-                    f"refused the service: {reason}{_hint(exc)}"
+                    f"database {url} refused the service: {reason}{_hint(exc)}"
                 ) from exc
             if time.monotonic() + delay >= give_up_at:
                 raise StartupError(
-                    f"database {engine.url.render_as_string(hide_password=True)} did not answer "
-                    f"within {deadline_seconds:g} s ({attempt} attempts; last error: {reason})"
+                    f"database {url} did not answer within {deadline_seconds:g} s "
+                    f"({attempt} attempts; last error: {reason})"
                 ) from exc
             logger.warning("database not reachable yet (%s); retrying in %.2g s", reason, delay)
             await anyio.sleep(delay)
@@ -83,12 +96,11 @@ def _describe(exc: BaseException) -> str:
 
 
 async def start(settings: Settings) -> AsyncEngine:
-    """Create the engine, wait for the database, and run init_db when INIT_DB is on."""
+    """Create the engine, wait for the database, and bring its schema to the latest
+    revision when INIT_DB is on."""
     engine = create_engine(settings)
     try:
-        await wait_for_database(engine)
-        if settings.init_db:
-            await init_db(engine)
+        await wait_for_database(engine, migrate=settings.init_db)
     except BaseException:
         await engine.dispose()
         raise

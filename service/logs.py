@@ -42,6 +42,8 @@ def logging_config(level: str) -> dict[str, Any]:
             # SQLAlchemy names a pool's logger after its class's module; keep
             # ours as quiet as its own ("Pool disposed" is not news).
             "service.db.pool": {"level": "WARNING"},
+            # Alembic lists the plugins it loads on every run; its migration lines stay.
+            "alembic.runtime.plugins": {"level": "WARNING"},
         },
         "root": {"handlers": ["stderr"], "level": level.upper()},
     }
