@@ -290,19 +290,22 @@ def test_a_pre_migration_database_that_differs_is_refused(database_url: str) -> 
     assert revisions(database_url) == []  # nothing stamped, nothing guessed
 
 
-def test_the_refusal_ends_the_release_phase_with_one_line(
-    database_url: str, tmp_path: Path
+@pytest.mark.parametrize("process_type", ["release", "web"])
+def test_the_refusal_ends_startup_with_one_line(
+    database_url: str, tmp_path: Path, process_type: str
 ) -> None:
+    """Whatever WEB_CONCURRENCY is: no worker starts on a schema it would refuse."""
     make_pre_migration_database(database_url)
     on(database_url, drifted)
 
-    release = run_release(database_url, tmp_path)
+    ended = run_procfile(process_type, database_url, tmp_path, WEB_CONCURRENCY="4")
 
-    errors = [line for line in release.stderr.splitlines() if " ERROR " in line]
-    assert release.returncode == 1
-    assert len(errors) == 1, release.stderr
+    errors = [line for line in ended.stderr.splitlines() if " ERROR " in line]
+    assert ended.returncode == 1
+    assert len(errors) == 1, ended.stderr
     assert "differ from revision 0001: " in errors[0]
-    assert "Traceback" not in release.stderr
+    assert "Traceback" not in ended.stderr
+    assert "Application startup" not in ended.stderr
 
 
 def test_at_head_init_db_is_one_query_and_no_ddl(database_url: str) -> None:
@@ -509,15 +512,17 @@ def test_four_processes_migrating_at_once_migrate_once(
     assert revisions(database_url) == [HEAD]
 
 
-def run_release(
-    database_url: str, tmp_path: Path, **kwargs: Any
+def run_procfile(
+    process_type: str, database_url: str, tmp_path: Path, **env: str
 ) -> subprocess.CompletedProcess[str]:
+    """Run a Procfile command until it exits (the web command only exits on failure)."""
     return subprocess.run(
-        procfile_command("release"),
+        procfile_command(process_type),
         shell=True,
         cwd=tmp_path,
         env={
             **os.environ,
+            **env,
             "DATABASE_URL": database_url,
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         },
@@ -525,7 +530,6 @@ def run_release(
         text=True,
         timeout=60,
         check=False,
-        **kwargs,
     )
 
 
@@ -539,7 +543,7 @@ def wait_for_workers(log: Callable[[], str], workers: int, *, timeout: float = 6
 def test_release_racing_four_workers_migrates_once(database_url: str, tmp_path: Path) -> None:
     env = {"DATABASE_URL": database_url, "WEB_CONCURRENCY": "4"}
     with running_service(env, tmp_path=tmp_path, wait=False) as web:
-        release = run_release(database_url, tmp_path)
+        release = run_procfile("release", database_url, tmp_path)
         wait_for_workers(web.log, 4)
         created = httpx.post(f"{web.base_url}/users", json=user_body(), timeout=10)
         log = web.log()
