@@ -1,5 +1,6 @@
-"""The database layer: engine and sessions (`engine`), the fair pool (`pool`)
-and the schema (`schema`). Import from here; the modules are its parts."""
+"""The database layer: engine and sessions (`engine`), the fair pool (`pool`),
+the schema (`schema`) and read replicas (`replicas`). Import from here; the
+modules are its parts."""
 
 from service.db.engine import (
     ReadOnlySession,
@@ -8,13 +9,18 @@ from service.db.engine import (
     create_sessionmaker,
     pool_status,
 )
+from service.db.replicas import Replica, ReplicaSet, format_lsn, parse_lsn
 from service.db.schema import init_db
 
 __all__ = [
     "ReadOnlySession",
+    "Replica",
+    "ReplicaSet",
     "autocommit",
     "create_engine",
     "create_sessionmaker",
+    "format_lsn",
     "init_db",
+    "parse_lsn",
     "pool_status",
 ]

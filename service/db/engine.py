@@ -21,6 +21,9 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 # Client-side bound on a command beyond the server's statement_timeout, so a
 # server that silently stops answering cannot hold a request forever.
 COMMAND_TIMEOUT_MARGIN_SECONDS = 1.0
+# The replica monitor's connections: a server that does not answer within this
+# is reported down rather than waited for.
+MONITOR_TIMEOUT_SECONDS = 1.0
 SQLITE_BUSY_TIMEOUT_SECONDS = 5.0
 
 
@@ -92,6 +95,26 @@ def create_engine(settings: Settings, *, url: URL | None = None) -> AsyncEngine:
         event.listen(engine.sync_engine, "checkout", _refuse_closed_connection)
     else:
         event.listen(engine.sync_engine, "connect", _configure_sqlite)
+    return engine
+
+
+def create_monitor_engine(settings: Settings, *, url: URL) -> AsyncEngine:
+    """One autocommit connection to `url` for the replica monitor, apart from the
+    request pools so that a busy pool cannot blind it; every wait is short."""
+    connect_args = {
+        **_postgres_connect_args(settings),
+        "timeout": MONITOR_TIMEOUT_SECONDS,
+        "command_timeout": MONITOR_TIMEOUT_SECONDS,
+    }
+    engine = create_async_engine(
+        url,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=MONITOR_TIMEOUT_SECONDS,
+        isolation_level="AUTOCOMMIT",
+        connect_args=connect_args,
+    )
+    event.listen(engine.sync_engine, "checkout", _refuse_closed_connection)
     return engine
 
 
