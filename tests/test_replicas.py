@@ -167,6 +167,8 @@ def test_reads_without_a_write_get_no_token_and_go_to_the_replica(
     assert "set-cookie" not in read.headers
     assert failed_write.status_code == 422
     assert "x-consistency-token" not in failed_write.headers
+    # A pool of 5 + 5 for the primary and for the replica, and a monitor connection each.
+    assert "this process may open up to 22 connections" in service_with_replica.log()
 
 
 def reads_in_a_loop(base: str, uid: str, stop: threading.Event) -> list[int]:
