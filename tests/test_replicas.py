@@ -17,8 +17,9 @@ import pytest
 from sqlalchemy.engine import make_url
 from starlette.datastructures import Headers
 
+from service.config import Settings, normalize_database_url
 from service.consistency import presented_token
-from service.db import format_lsn, parse_lsn
+from service.db import ReplicaSet, format_lsn, parse_lsn
 from tests.factories import user_body
 from tests.replica_cluster import Cluster, running_cluster
 from tests.support import ServiceProcess, execute, fetch_value, running_service
@@ -300,3 +301,30 @@ def test_token_parsing(header: str | None, cookie: str | None, expected: str | N
     token = presented_token(Headers(raw=raw))
 
     assert (format_lsn(token) if token is not None else None) == expected
+
+
+def test_reads_take_turns_between_replicas_that_may_serve_them() -> None:
+    """`choose` alone, on the state the monitor keeps (no server is asked)."""
+    settings = Settings(
+        database_url=normalize_database_url("postgresql://u@primary/app"),
+        database_replica_urls=tuple(
+            normalize_database_url(f"postgresql://u@{host}/app") for host in ("r1", "r2", "r3")
+        ),
+        db_replica_max_lag_ms=1000,
+    )
+    replicas = ReplicaSet.create(settings)
+    now = time.monotonic()
+    first, second, third = replicas.replicas
+    for replica in replicas.replicas:
+        replica.reachable, replica.as_of, replica.replayed = True, now, 100
+    third.as_of = now - 5  # five seconds behind: no reads
+    second.replayed = 50
+
+    untokened = [replicas.choose(None) for _ in range(4)]
+    tokened = [replicas.choose(80) for _ in range(2)]
+    first.reachable = False
+    after_failure = replicas.choose(80)
+
+    assert untokened == [first, second, first, second]
+    assert tokened == [first, first]
+    assert after_failure is None  # only the primary has what the token needs

@@ -25,7 +25,7 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,7 +94,7 @@ class Replica:
 class ReplicaSet:
     """The replicas of one primary, and the monitor that keeps their state fresh.
 
-    replicas = ReplicaSet.create(settings, primary=engine)
+    replicas = ReplicaSet.create(settings)
     await replicas.poll()          # once before serving, then `run()` in the background
     replica = replicas.choose(token)  # None: use the primary
     """
@@ -105,7 +105,7 @@ class ReplicaSet:
     # (monotonic time before asking, the primary's position then), oldest first.
     samples: deque[tuple[float, int]] = field(default_factory=deque)
     primary_error: str | None = None
-    _turns: Any = field(default=None)
+    _turns: Iterator[int] = field(init=False)
 
     def __post_init__(self) -> None:
         self._turns = itertools.cycle(range(len(self.replicas)))
