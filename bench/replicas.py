@@ -1,15 +1,16 @@
 """Read replicas: the same read load with 0 and 1 replica, and the cost of routing.
 
-    .venv/bin/python bench/replicas.py --seconds 5      (from the repo root)
+    .venv/bin/python bench/replicas.py --seconds 5 --rounds 3   (from the repo root)
 
 It starts a throw-away primary and streaming replica (tests/replica_cluster.py:
 initdb + pg_basebackup -R), seeds users through the service, then loads
 GET /users/{uid} with wrk against the service without replicas and with the
-replica. For each run: req/s, the primary's CPU seconds per 1,000 reads (the
-postmaster and its backends) and the share of reads the replica served (from
-`pg_stat_database.xact_commit` on each server; autocommit reads count one
-each). Last, in process, the microseconds `DBSessionMiddleware` spends choosing
-where a read goes: parsing the token (none, header, cookie) and `choose()`.
+replica, in interleaved rounds (medians are printed). For each run: req/s,
+the primary's CPU seconds per 1,000 reads (the postmaster and its backends)
+and the share of reads the replica served (from `pg_stat_database.xact_commit`
+on each server; autocommit reads count one each). Last, in process, the
+microseconds `DBSessionMiddleware` spends choosing where a read goes: parsing
+the token (none, header, cookie) and `choose()`.
 Everything runs on this machine's cores, so the replica competes with the
 primary for CPU: the throughput ratio says little about separate hosts, the
 primary CPU per read says how much work moved off it.
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -160,6 +163,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5, help="wrk run length")
     parser.add_argument("--users", type=int, default=200, help="users seeded and read")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each, interleaved")
     args = parser.parse_args()
     wrk = ensure_tool("wrk", "wrk")
     with (
@@ -189,23 +193,31 @@ def main() -> int:
                 for n in range(args.users)
             ]
         script = write_scripts(logs, uids)["read"]
-        without = load(wrk, plain, script, args.seconds, cluster, urls)
-        stop(plain)
         replicated = start(
             {"DATABASE_REPLICA_URLS": urls["replica"]}, urls["primary"], logs, "one-replica"
         )
         stack.callback(stop, replicated)
         wait_for_replica(replicated)
-        with_replica = load(wrk, replicated, script, args.seconds, cluster, urls)
-        stop(replicated)
+        runs: dict[str, list[dict[str, float]]] = {"0 replicas": [], "1 replica": []}
+        for _ in range(args.rounds):  # interleaved, so a busy minute hits both alike
+            runs["0 replicas"].append(load(wrk, plain, script, args.seconds, cluster, urls))
+            runs["1 replica"].append(load(wrk, replicated, script, args.seconds, cluster, urls))
         costs = routing_cost_us(cluster)
-    print(f"reads, {args.seconds} s of wrk on GET /users/{{uid}}, 1 worker, same machine:")
-    for name, figures in (("0 replicas", without), ("1 replica", with_replica)):
+    medians = {
+        name: {key: statistics.median(run[key] for run in results) for key in results[0]}
+        for name, results in runs.items()
+    }
+    print(
+        f"reads: median of {args.rounds} interleaved {args.seconds} s wrk runs on "
+        f"GET /users/{{uid}}, 1 worker, load average {os.getloadavg()[0]:.1f}:"
+    )
+    for name, figures in medians.items():
         print(
             f"  {name}: {figures['rps']:.0f} req/s, {figures['errors']:.0f} errors, "
             f"primary CPU {figures['primary_cpu_per_1000']:.3f} s per 1000 reads, "
             f"replica served {figures['replica_share']:.0%}"
         )
+    without, with_replica = medians["0 replicas"], medians["1 replica"]
     print(f"  throughput, 1 replica / 0: {with_replica['rps'] / without['rps']:.2f}")
     print(
         "  primary CPU per read, 1 replica / 0: "
