@@ -48,10 +48,20 @@ class Settings:
     log_level: str = "info"
     # True when the URL came from DATABASE_CONNECTION_POOL_URL (a hosted PgBouncer).
     via_connection_pool: bool = False
+    database_replica_urls: tuple[URL, ...] = ()
+    db_replica_max_lag_ms: int = 5000
 
     @property
     def connections_per_process(self) -> int:
-        """The most database connections one worker process may open."""
+        """The most database connections one worker process may open: one pool per
+        database, the primary and each replica alike, and with replicas one more per
+        database for the monitor that tracks their replay positions."""
+        databases = 1 + len(self.database_replica_urls)
+        monitors = databases if self.database_replica_urls else 0
+        return self.connections_per_database * databases + monitors
+
+    @property
+    def connections_per_database(self) -> int:
         return self.db_pool_size + self.db_max_overflow
 
     @property
@@ -91,6 +101,23 @@ def normalize_database_url(raw: str) -> URL:
     )
 
 
+def parse_replica_urls(raw: str) -> tuple[URL, ...]:
+    """Comma-separated PostgreSQL URLs in any form DATABASE_URL takes; a bad entry
+    is named by its position, never echoed (it may hold a password)."""
+    urls = []
+    for position, entry in enumerate(raw.split(","), start=1):
+        if not entry.strip():
+            continue
+        try:
+            url = normalize_database_url(entry.strip())
+        except ValueError as exc:
+            raise ValueError(f"entry {position}: {exc}") from None
+        if url.get_backend_name() != "postgresql":
+            raise ValueError(f"entry {position}: a replica must be a PostgreSQL URL")
+        urls.append(url)
+    return tuple(urls)
+
+
 def load_settings(*, env_file: str | Path | None = ".env") -> Settings:
     """Read every variable at once and report every bad one, not just the first.
 
@@ -115,11 +142,13 @@ def load_settings(*, env_file: str | Path | None = ".env") -> Settings:
         "api_keys": env.list("API_KEYS", []),
         "max_body_bytes": env.int("MAX_BODY_BYTES", 1048576, validate=positive),
         "log_level": env.str("LOG_LEVEL", "info", validate=_validate_log_level),
+        "db_replica_max_lag_ms": env.int("DB_REPLICA_MAX_LAG_MS", 5000, validate=positive),
     }
     raw_url = env.str("DATABASE_URL", DEFAULT_DATABASE_URL)
     # A hosted PgBouncer attaches this beside DATABASE_URL; when present it wins,
     # and it is always transaction mode.
     pool_url = env.str("DATABASE_CONNECTION_POOL_URL", None)
+    raw_replica_urls = env.str("DATABASE_REPLICA_URLS", "")
     errors: list[str] = []
     try:
         env.seal()
@@ -135,6 +164,17 @@ def load_settings(*, env_file: str | Path | None = ".env") -> Settings:
         database_url = normalize_database_url(url_value)
     except ValueError as exc:
         errors.append(f"{url_variable}: {exc}")
+    replica_urls: tuple[URL, ...] = ()
+    try:
+        replica_urls = parse_replica_urls(raw_replica_urls)
+    except ValueError as exc:
+        errors.append(f"DATABASE_REPLICA_URLS: {exc}")
+    if (
+        replica_urls
+        and database_url is not None
+        and database_url.get_backend_name() != "postgresql"
+    ):
+        errors.append(f"DATABASE_REPLICA_URLS: replicas need a PostgreSQL {url_variable}")
     if errors or database_url is None:
         raise ConfigError(sorted(errors))
     return Settings(
@@ -151,4 +191,6 @@ def load_settings(*, env_file: str | Path | None = ".env") -> Settings:
         max_body_bytes=values["max_body_bytes"],
         log_level=values["log_level"].lower(),
         via_connection_pool=bool(pool_url),
+        database_replica_urls=replica_urls,
+        db_replica_max_lag_ms=values["db_replica_max_lag_ms"],
     )

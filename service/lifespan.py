@@ -16,7 +16,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.config import Settings
-from service.db import SchemaMismatch, autocommit, create_engine, create_sessionmaker, init_db
+from service.db import (
+    ReplicaSet,
+    SchemaMismatch,
+    autocommit,
+    create_engine,
+    create_sessionmaker,
+    init_db,
+)
 from service.errors import from_database_error
 
 logger = logging.getLogger(__name__)
@@ -107,6 +114,18 @@ async def start(settings: Settings) -> AsyncEngine:
     return engine
 
 
+async def start_replicas(settings: Settings) -> ReplicaSet | None:
+    """The replicas' pools and one monitor round, so reads can use them at once; a
+    replica that is down does not hold up startup (it gets no reads until it is up)."""
+    if not settings.database_replica_urls:
+        return None
+    replicas = ReplicaSet.create(settings)
+    await replicas.poll()
+    for entry in replicas.report():
+        logger.info("replica %s: %s", entry["name"], entry.get("error") or entry["status"])
+    return replicas
+
+
 def log_connection_budget(settings: Settings) -> None:
     """One line an operator can add up against the database's connection limit."""
     source = (
@@ -114,14 +133,19 @@ def log_connection_budget(settings: Settings) -> None:
         if settings.via_connection_pool
         else "DATABASE_URL" + (" (PgBouncer, transaction mode)" if settings.db_pgbouncer else "")
     )
+    replicas = len(settings.database_replica_urls)
     logger.info(
         "database %s from %s; this process may open up to %d connections "
-        "(DB_POOL_SIZE %d + DB_MAX_OVERFLOW %d)",
+        "(DB_POOL_SIZE %d + DB_MAX_OVERFLOW %d%s)",
         settings.safe_database_url,
         source,
         settings.connections_per_process,
         settings.db_pool_size,
         settings.db_max_overflow,
+        f", for the primary and each of {replicas} replica(s), plus {replicas + 1} "
+        "for the replica monitor"
+        if replicas
+        else "",
     )
 
 
@@ -129,8 +153,9 @@ class Lifespan:
     """Handles the `lifespan` scope; everything else goes to the app.
 
     On startup it puts `settings`, `engine` (and its `autocommit_engine` view
-    for reads) and the one `sessionmaker` in the lifespan state, which the
-    server copies into every request's scope.
+    for reads), the one `sessionmaker` and `replicas` (a `ReplicaSet`, or None
+    without DATABASE_REPLICA_URLS) in the lifespan state, which the server
+    copies into every request's scope. The replica monitor runs until shutdown.
     """
 
     def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
@@ -150,13 +175,22 @@ class Lifespan:
         log_connection_budget(self.settings)
         if not self.settings.api_keys:
             logger.warning("API_KEYS is not set: every route is open to anyone who can reach it")
+        replicas = await start_replicas(self.settings)
         scope.setdefault("state", {}).update(
             settings=self.settings,
             engine=engine,
             autocommit_engine=autocommit(engine),
             sessionmaker=create_sessionmaker(engine),
+            replicas=replicas,
         )
-        await send({"type": "lifespan.startup.complete"})
-        await receive()  # lifespan.shutdown
+        async with anyio.create_task_group() as tasks:
+            if replicas is not None:
+                tasks.start_soon(replicas.run)
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+            tasks.cancel_scope.cancel()
         await engine.dispose()
+        if replicas is not None:
+            for replica_engine in replicas.engines():
+                await replica_engine.dispose()
         await send({"type": "lifespan.shutdown.complete"})

@@ -18,13 +18,16 @@ from functools import partial
 from typing import Any
 
 import anyio
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.db import ReadOnlySession
-from service.errors import Unauthorized
+from service.consistency import attach_token, presented_token, write_position
+from service.db import ReadOnlySession, Replica, ReplicaSet
+from service.errors import UNREACHABLE, Unauthorized
 from service.logs import REQUEST_ID
 from service.problems import internal_error_response, render_service_error
 
@@ -154,6 +157,11 @@ class DBSessionMiddleware:
 
     GET and HEAD never write, so their session runs in autocommit: no
     BEGIN/ROLLBACK round trips, and a flush is refused (`ReadOnlySession`).
+
+    With replicas (`state["replicas"]`), GET and HEAD read from one that may
+    serve them (`ReplicaSet.choose`, which honours a consistency token), and a
+    read the replica fails is run again on the primary before anything has
+    been sent; a successful write answers with a consistency token.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -164,16 +172,46 @@ class DBSessionMiddleware:
             await self.app(scope, receive, send)
             return
         shared = scope["state"]
-        sessionmaker = shared["sessionmaker"]
-        if scope["method"] in SAFE_METHODS:
-            open_session = partial(
-                sessionmaker,
-                bind=shared["autocommit_engine"],
-                sync_session_class=ReadOnlySession,
-            )
+        replicas: ReplicaSet | None = shared.get("replicas")
+        if scope["method"] not in SAFE_METHODS:
+            state = RequestState(shared, open_session=shared["sessionmaker"])
+            if replicas is not None:
+                send = _sending_token(send, state, replicas)
+            await self._run(scope, receive, send, state)
+            return
+        replica = replicas.choose(presented_token(Headers(scope=scope))) if replicas else None
+        if replica is None or not await self._read_from_replica(scope, receive, send, replica):
+            await self._run(scope, receive, send, _read_state(shared, shared["autocommit_engine"]))
+
+    async def _read_from_replica(
+        self, scope: Scope, receive: Receive, send: Send, replica: Replica
+    ) -> bool:
+        """Serve the read from `replica`; False, with nothing sent, if the replica
+        failed it (a 5xx or a database error), so the caller retries on the primary."""
+        state = _read_state(scope["state"], replica.autocommit_engine)
+        started = failed = False
+
+        async def send_unless_failed(message: Message) -> None:
+            nonlocal started, failed
+            if message["type"] == "http.response.start":
+                failed = message["status"] >= 500 and "db" in state
+                started = not failed
+            if not failed:
+                await send(message)
+
+        try:
+            await self._run(scope, receive, send_unless_failed, state)
+        except (SQLAlchemyError, *UNREACHABLE) as exc:
+            if started:
+                raise
+            failed = True
+            replica.mark_down(f"a read failed: {type(exc).__name__}")
         else:
-            open_session = sessionmaker
-        state = RequestState(shared, open_session=open_session)
+            if failed:
+                replica.mark_down("a read failed with a server error")
+        return not failed
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send, state: RequestState) -> None:
         failed = False
         try:
             await self.app({**scope, "state": state}, receive, send)
@@ -185,3 +223,26 @@ class DBSessionMiddleware:
             if session is not None:
                 with anyio.CancelScope(shield=True):
                     await _release(session, failed=failed)
+
+
+def _read_state(shared: dict[str, Any], engine: AsyncEngine) -> RequestState:
+    """A GET/HEAD request's state: its session runs in autocommit on `engine`."""
+    open_session = partial(shared["sessionmaker"], bind=engine, sync_session_class=ReadOnlySession)
+    return RequestState(shared, open_session=open_session)
+
+
+def _sending_token(send: Send, state: RequestState, replicas: ReplicaSet) -> Send:
+    """`send` that adds the consistency token to a successful write's response."""
+
+    async def send_with_token(message: Message) -> None:
+        # A request that never used the database wrote nothing: no token.
+        if (
+            message["type"] == "http.response.start"
+            and 200 <= message["status"] < 300
+            and "db" in state
+        ):
+            lsn = await write_position(state["autocommit_engine"])
+            attach_token(MutableHeaders(scope=message), lsn, max_lag=replicas.max_lag)
+        await send(message)
+
+    return send_with_token

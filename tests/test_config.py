@@ -25,6 +25,8 @@ def test_defaults_match_the_contract() -> None:
     assert settings.api_keys == ()
     assert settings.max_body_bytes == 1048576
     assert settings.log_level == "info"
+    assert settings.database_replica_urls == ()
+    assert settings.db_replica_max_lag_ms == 5000
 
 
 @pytest.mark.parametrize(
@@ -56,6 +58,8 @@ def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         "API_KEYS": "k1, k2,,",
         "MAX_BODY_BYTES": "2048",
         "LOG_LEVEL": "DEBUG",
+        "DATABASE_REPLICA_URLS": "postgres://u:secret@r1/app, postgresql://u@r2/app?sslmode=require",
+        "DB_REPLICA_MAX_LAG_MS": "1500",
     }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
@@ -75,6 +79,13 @@ def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.api_keys == ("k1", "k2")
     assert settings.max_body_bytes == 2048
     assert settings.log_level == "debug"
+    assert [url.render_as_string() for url in settings.database_replica_urls] == [
+        "postgresql+asyncpg://u:***@r1/app",
+        "postgresql+asyncpg://u@r2/app?ssl=require",
+    ]
+    assert settings.db_replica_max_lag_ms == 1500
+    # One pool per database plus, with replicas, one monitor connection per database.
+    assert settings.connections_per_process == 3 * (7 + 0) + 3
 
 
 def test_dot_env_in_the_working_directory_is_read(tmp_path: Path) -> None:
@@ -126,6 +137,8 @@ def test_connection_pool_url_wins_and_turns_on_pgbouncer_mode(
         ("INIT_DB", "perhaps"),
         ("MAX_BODY_BYTES", "0"),
         ("LOG_LEVEL", "loud"),
+        ("DB_REPLICA_MAX_LAG_MS", "0"),
+        ("DB_REPLICA_MAX_LAG_MS", "soon"),
     ],
 )
 def test_a_bad_value_names_its_variable(
@@ -138,6 +151,37 @@ def test_a_bad_value_names_its_variable(
 
     assert len(raised.value.lines) == 1
     assert raised.value.lines[0].startswith(f"{name}: ")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("postgres://u:pw@r1/app,redis://u:pw@r2", "entry 2: unknown scheme 'redis'"),
+        ("not a url", "entry 1: not a database URL"),
+        ("sqlite:///./replica.db", "entry 1: a replica must be a PostgreSQL URL"),
+    ],
+)
+def test_a_bad_replica_url_is_named_by_position_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, value: str, message: str
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgres://u:pw@primary/app")
+    monkeypatch.setenv("DATABASE_REPLICA_URLS", value)
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+
+    assert len(raised.value.lines) == 1
+    assert raised.value.lines[0].startswith(f"DATABASE_REPLICA_URLS: {message}")
+    assert "pw" not in raised.value.lines[0]
+
+
+def test_replicas_need_a_postgres_primary(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_REPLICA_URLS", "postgres://u@r1/app")
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+
+    assert raised.value.lines == ["DATABASE_REPLICA_URLS: replicas need a PostgreSQL DATABASE_URL"]
 
 
 def test_every_bad_variable_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:

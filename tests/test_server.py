@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy.engine import make_url as sqlalchemy_url
 
 from service.server import listen
 from tests.factories import user_body
@@ -182,6 +183,37 @@ def test_database_outage_is_503_and_recovers_without_restart(
     assert down_health.status_code == 503
     assert down_health.json()["status"] == "fail"
     assert after == [200] * 10  # no pooled connection stayed broken
+
+
+@pytest.mark.postgres
+def test_pooled_connections_the_server_ended_cost_no_request(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """After a restart or failover every idle pooled connection is dead; each is
+    found at checkout and replaced, so no request sees it."""
+    env = {"DATABASE_URL": postgres_url, "DB_POOL_SIZE": "5"}
+    with running_service(env, tmp_path=tmp_path) as service, httpx.Client() as client:
+        base = service.base_url
+        uid = client.post(f"{base}/users", json=user_body()).json()["uid"]
+
+        async def fill_the_pool() -> None:
+            async with httpx.AsyncClient() as concurrent:
+                await asyncio.gather(*(concurrent.get(f"{base}/users/{uid}") for _ in range(20)))
+
+        asyncio.run(fill_the_pool())
+        database = sqlalchemy_url(postgres_url).database
+        ended = asyncio.run(
+            fetch_value(
+                postgres_url,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                f"WHERE datname = '{database}' AND pid <> pg_backend_pid()",
+            )
+        )
+        time.sleep(0.5)  # the server's goodbye reaches the idle sockets
+        statuses = [client.get(f"{base}/users/{uid}").status_code for _ in range(40)]
+
+    assert isinstance(ended, int) and ended >= 2
+    assert statuses == [200] * 40
 
 
 def test_accepted_connections_have_nagle_off() -> None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.engine import URL
 from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -19,6 +21,9 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 # Client-side bound on a command beyond the server's statement_timeout, so a
 # server that silently stops answering cannot hold a request forever.
 COMMAND_TIMEOUT_MARGIN_SECONDS = 1.0
+# The replica monitor's connections: a server that does not answer within this
+# is reported down rather than waited for.
+MONITOR_TIMEOUT_SECONDS = 1.0
 SQLITE_BUSY_TIMEOUT_SECONDS = 5.0
 
 
@@ -59,22 +64,57 @@ def _configure_sqlite(dbapi_connection: DBAPIConnection, _: ConnectionPoolEntry)
     cursor.close()
 
 
-def create_engine(settings: Settings) -> AsyncEngine:
-    """The process's one engine; its pool is sized by DB_POOL_SIZE and DB_MAX_OVERFLOW."""
+def _refuse_closed_connection(
+    dbapi_connection: DBAPIConnection, _: ConnectionPoolEntry, __: PoolProxiedConnection
+) -> None:
+    """At checkout: asyncpg notices when the server closes the socket of an idle
+    connection (a restart, a failover, pg_terminate_backend), so a dead one is
+    known without a round trip; DisconnectionError makes the pool replace it
+    before a request gets it."""
+    driver_connection: Any = dbapi_connection.driver_connection  # type: ignore[attr-defined]
+    if driver_connection is not None and driver_connection.is_closed():
+        raise DisconnectionError("the server closed this pooled connection")
+
+
+def create_engine(settings: Settings, *, url: URL | None = None) -> AsyncEngine:
+    """An engine for DATABASE_URL, or for `url` (a replica) with the same settings;
+    each has a pool sized by DB_POOL_SIZE and DB_MAX_OVERFLOW."""
     if settings.is_postgres:
         connect_args = _postgres_connect_args(settings)
     else:
         connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}
     engine = create_async_engine(
-        settings.database_url,
+        url or settings.database_url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout,
         poolclass=FairAsyncQueuePool,
         connect_args=connect_args,
     )
-    if not settings.is_postgres:
+    if settings.is_postgres:
+        event.listen(engine.sync_engine, "checkout", _refuse_closed_connection)
+    else:
         event.listen(engine.sync_engine, "connect", _configure_sqlite)
+    return engine
+
+
+def create_monitor_engine(settings: Settings, *, url: URL) -> AsyncEngine:
+    """One autocommit connection to `url` for the replica monitor, apart from the
+    request pools so that a busy pool cannot blind it; every wait is short."""
+    connect_args = {
+        **_postgres_connect_args(settings),
+        "timeout": MONITOR_TIMEOUT_SECONDS,
+        "command_timeout": MONITOR_TIMEOUT_SECONDS,
+    }
+    engine = create_async_engine(
+        url,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=MONITOR_TIMEOUT_SECONDS,
+        isolation_level="AUTOCOMMIT",
+        connect_args=connect_args,
+    )
+    event.listen(engine.sync_engine, "checkout", _refuse_closed_connection)
     return engine
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.db import pool_status
+from service.db import ReplicaSet, pool_status
 from service.models import utc_now
 from service.openapi import operation
 from service.routing import MethodRoute
@@ -39,14 +39,28 @@ class PoolFigures(BaseModel):
     overflow: int
 
 
+class ReplicaCheck(BaseModel):
+    """What the replica monitor last saw: "pass" serves reads, "warn" is further
+    behind than DB_REPLICA_MAX_LAG_MS, "fail" is down (reads go to the primary)."""
+
+    name: str
+    status: Literal["pass", "warn", "fail"]
+    lag_ms: int | None
+    replayed: str | None
+    error: str | None = None
+    pool: PoolFigures
+
+
 class Readiness(BaseModel):
-    """draft-inadarei-api-health-check, plus the connection pool's figures."""
+    """draft-inadarei-api-health-check, plus the connection pools' figures and the
+    replicas (none without DATABASE_REPLICA_URLS); a replica never fails readiness."""
 
     status: Status
     checks: dict[str, list[ResponseTime]] = Field(
         json_schema_extra={"required": ["database:responseTime"]}
     )
     pool: PoolFigures
+    replicas: list[ReplicaCheck] = []
 
 
 class Liveness(BaseModel):
@@ -67,6 +81,16 @@ async def _database_answers(engine: AsyncEngine) -> bool:
         logger.warning("health check failed: %s", type(exc).__name__)
         return False
     return True
+
+
+def _replica_checks(replicas: ReplicaSet | None) -> list[ReplicaCheck]:
+    """From the monitor's memory: /health adds no round trip per replica."""
+    if replicas is None:
+        return []
+    return [
+        ReplicaCheck(**entry, pool=PoolFigures(**pool_status(replica.engine)))
+        for replica, entry in zip(replicas.replicas, replicas.report(), strict=True)
+    ]
 
 
 @operation(
@@ -90,6 +114,7 @@ async def read_health(request: Request) -> Response:
         status=check.status,
         checks={"database:responseTime": [check]},
         pool=PoolFigures(**pool_status(engine)),
+        replicas=_replica_checks(request.state.replicas),
     )
     return Response(
         report.model_dump_json(),
