@@ -217,3 +217,47 @@ def test_four_workers_answer_as_fast_as_one(tmp_path: Path) -> None:
             medians[workers] = median_latency_ms(service.base_url)
 
     assert medians["4"] < medians["1"] + 20, medians
+
+
+@pytest.mark.postgres
+def test_an_unexpected_database_error_on_a_real_route_is_a_bare_500(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A trigger raises an SQLSTATE nothing maps (P0001): the client gets a generic
+    problem with its request id, the log has the id, and neither leaks the SQL."""
+    request_id = "unmapped-sqlstate-0123456789"
+    with (
+        running_service({"DATABASE_URL": postgres_url}, tmp_path=tmp_path) as service,
+        httpx.Client(base_url=service.base_url, timeout=10) as client,
+    ):
+        user = client.post("/users", json=user_body())
+        assert user.status_code == 201, user.text
+        conversation = client.post(
+            f"/users/{user.json()['uid']}/conversations", json={"title": "t"}
+        )
+        assert conversation.status_code == 201, conversation.text
+        asyncio.run(
+            execute(
+                postgres_url,
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$ BEGIN RAISE EXCEPTION 'trigger says no' USING ERRCODE = 'P0001'; END $$;"
+                " CREATE TRIGGER refuse BEFORE INSERT ON messages"
+                " FOR EACH ROW EXECUTE FUNCTION refuse()",
+            )
+        )
+        response = client.post(
+            f"/conversations/{conversation.json()['uid']}/messages",
+            json={"prompt": "private prompt"},
+            headers={"X-Request-ID": request_id},
+        )
+    log = service.log()
+
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["x-request-id"] == request_id
+    body = response.json()
+    assert body["status"] == 500
+    assert body["request_id"] == request_id
+    for leak in ("INSERT", "messages", "trigger says no", "P0001", "private prompt", "Traceback"):
+        assert leak not in response.text, leak
+    assert any(f"[{request_id}]" in line and " ERROR " in line for line in log.splitlines()), log
