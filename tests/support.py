@@ -190,6 +190,9 @@ def running_service(
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        # The shell may exit before the server it started: its last log lines
+        # (access lines, shutdown) are only complete once every process is gone.
+        wait_until(lambda: not service.is_running(), timeout=30, what="the service exits")
 
 
 def _path_with_venv() -> str:

@@ -355,6 +355,25 @@ def test_logs_have_one_access_line_per_request_and_never_the_password(
     assert all(PASSWORD not in body for body in bodies)
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@pytest.mark.parametrize("level", ["info", "warning", "error"])
+def test_log_level_is_the_lowest_level_written(level: str, tmp_path: Path) -> None:
+    """At info each request has an access line; at warning only warnings and worse
+    (the open-service warning still shows); at error not even that."""
+    with running_service({"LOG_LEVEL": level}, tmp_path=tmp_path) as service:
+        assert httpx.get(f"{service.base_url}/users").status_code == 200
+    lines = service.log().splitlines()
+
+    below = LEVELS[: LEVELS.index(level.upper())]
+    written = {name for line in lines for name in LEVELS if f" {name} " in line}
+    assert not written & set(below), lines
+    has_access_line = any("service.access" in line and "GET /users 200" in line for line in lines)
+    assert has_access_line is (level == "info")
+    assert any("API_KEYS is not set" in line for line in lines) is (level != "error")
+
+
 # -- a platform's view -------------------------------------------------------------
 
 

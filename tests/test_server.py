@@ -49,6 +49,29 @@ def test_procfile_web_serves_on_the_database_given(database_url: str, tmp_path: 
     assert health["pool"] == {"size": 5, "checked_out": 0, "overflow": 0}
 
 
+def test_procfile_web_listens_on_every_interface(tmp_path: Path) -> None:
+    """0.0.0.0, not 127.0.0.1: a platform's router reaches the dyno on an address of
+    its own. 127.0.0.2 is loopback too, but only a wildcard bind accepts it."""
+    with running_service({}, tmp_path=tmp_path) as service:
+        port = service.base_url.rsplit(":", 1)[1]
+        other_address = httpx.get(f"http://127.0.0.2:{port}/health/live", timeout=5)
+
+    assert other_address.status_code == 200
+
+
+def test_procfile_web_trusts_the_platforms_proxy_headers(tmp_path: Path) -> None:
+    """The router ends TLS and says so in X-Forwarded-Proto; URLs the service builds
+    (here the redirect for a trailing slash) must then be https."""
+    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"}
+    with running_service({}, tmp_path=tmp_path) as service:
+        redirect = httpx.get(f"{service.base_url}/users/", headers=headers)
+        plain = httpx.get(f"{service.base_url}/users/")
+
+    assert redirect.status_code == 307
+    assert redirect.headers["location"].startswith("https://")
+    assert plain.headers["location"].startswith("http://")
+
+
 def test_streamed_body_over_the_limit_is_413_without_reading_it_all(tmp_path: Path) -> None:
     with running_service({"MAX_BODY_BYTES": "1000"}, tmp_path=tmp_path) as service:
         port = int(service.base_url.rsplit(":", 1)[1])
