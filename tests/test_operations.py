@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -418,3 +419,31 @@ def test_honcho_start_web_with_the_example_env(tmp_path: Path) -> None:
     assert health.status_code == 200, output
     assert created.status_code == 201
     assert (tmp_path / "service.db").exists()
+
+
+def test_plain_honcho_start_runs_release_then_stops_web_with_it(tmp_path: Path) -> None:
+    """`honcho start` with no process name runs every Procfile line: release creates
+    the schema and exits, and honcho then stops web and exits itself."""
+    shutil.copy(REPO / ".env.example", tmp_path / ".env")
+    honcho = Path(sys.executable).parent / "honcho"
+    result = subprocess.run(
+        [str(honcho), "-f", str(REPO / "Procfile"), "-d", str(tmp_path), "start"],
+        cwd=tmp_path,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    lines = output.splitlines()
+
+    def first(text: str) -> int:
+        return next(i for i, line in enumerate(lines) if text in line)
+
+    assert result.returncode == 0, output
+    assert first("init_db done") < first("release.1 stopped (rc=0)")
+    assert first("release.1 stopped") < first("sending SIGTERM to web.1") < first("web.1 stopped")
+    with sqlite3.connect(tmp_path / "service.db") as database:
+        tables = {row[0] for row in database.execute("SELECT name FROM sqlite_master")}
+    assert {"users", "conversations", "messages"} <= tables
