@@ -217,3 +217,16 @@ def test_incoming_request_id_is_kept_when_well_formed(client: TestClient) -> Non
     assert replaced.headers["x-request-id"] != "short"
     assert len(replaced.headers["x-request-id"]) >= 20
     assert bad_chars.headers["x-request-id"] != "a" * 30 + "<script>"
+
+
+@pytest.mark.parametrize(("length", "kept"), [(19, False), (20, True), (200, True), (201, False)])
+def test_incoming_request_id_is_kept_only_at_20_to_200_characters(
+    client: TestClient, length: int, kept: bool
+) -> None:
+    incoming = ("aZ09+/=-" * 26)[:length]
+
+    response = client.get("/nowhere", headers={"X-Request-ID": incoming})
+
+    assert (response.headers["x-request-id"] == incoming) is kept
+    assert response.json()["request_id"] == response.headers["x-request-id"]
+    assert 20 <= len(response.headers["x-request-id"]) <= 200
