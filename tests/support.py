@@ -243,14 +243,16 @@ async def wait_for_lock_waiters(database_url: str, count: int, *, within: float 
 
 
 @asynccontextmanager
-async def locked_table(database_url: str, table: str = "users") -> AsyncIterator[None]:
+async def locked_table(
+    database_url: str, table: str = "users"
+) -> AsyncIterator[asyncpg.Connection]:
     """Hold an ACCESS EXCLUSIVE lock on `table` from another session, so any request
-    touching it waits; the lock goes when the block ends."""
+    touching it waits; the lock goes when the block ends. Yields that session."""
     connection = await asyncpg.connect(plain_dsn(database_url), timeout=5)
     try:
         async with connection.transaction():
             await connection.execute(f'LOCK TABLE "{table}" IN ACCESS EXCLUSIVE MODE')
-            yield
+            yield connection
     finally:
         await connection.close()
 

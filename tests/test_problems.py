@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 from service.app import create_app
 from tests.conftest import make_settings
 from tests.factories import create_user, user_body
+from tests.support import encode_cursor
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "request_id"}
 
@@ -183,19 +184,15 @@ def test_bad_limit_is_422(client: TestClient, limit: str) -> None:
     assert body["errors"][0]["loc"] == ["query", "limit"]
 
 
-def _cursor(value: object) -> str:
-    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
-
-
 @pytest.mark.parametrize(
     "cursor",
     [
         "garbage",
         "e30",
         "WyJ4IiwgInkiXQ",
-        _cursor(["2026-01-01T00:00:00+00:00", 5]),
-        _cursor(["2026-01-01T00:00:00", uuid.uuid4().hex]),
-        _cursor(["0001-01-01T00:00:00+14:00", uuid.uuid4().hex]),
+        encode_cursor(["2026-01-01T00:00:00+00:00", 5]),
+        encode_cursor(["2026-01-01T00:00:00", uuid.uuid4().hex]),
+        encode_cursor(["0001-01-01T00:00:00+14:00", uuid.uuid4().hex]),
         base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).decode(),
     ],
 )

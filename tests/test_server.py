@@ -14,8 +14,15 @@ import pytest
 
 from service.server import listen
 from tests.factories import user_body
-from tests.proxy import Mode, TcpProxy
-from tests.support import execute, fetch_value, running_service
+from tests.proxy import Mode, in_front_of
+from tests.support import (
+    execute,
+    fetch_value,
+    locked_table,
+    running_service,
+    wait_for_lock_waiters,
+    wait_until,
+)
 
 
 def test_procfile_web_serves_on_the_embedded_default(tmp_path: Path) -> None:
@@ -148,23 +155,14 @@ def test_pool_exhausted_is_503_with_retry_after(postgres_url: str, tmp_path: Pat
     }
 
     async def scenario(base_url: str) -> tuple[httpx.Response, httpx.Response, float]:
-        import asyncpg
-
-        locker = await asyncpg.connect(postgres_url.replace("+asyncpg", ""))
-        try:
-            lock = locker.transaction()
-            await lock.start()
-            await locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-            async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            async with locked_table(postgres_url):
                 stuck = asyncio.create_task(client.get("/users"))
-                await asyncio.sleep(0.3)
+                await wait_for_lock_waiters(postgres_url, 1)
                 started = time.monotonic()
                 refused = await client.get("/users")
                 waited = time.monotonic() - started
-                await lock.rollback()
-                return await stuck, refused, waited
-        finally:
-            await locker.close()
+            return await stuck, refused, waited
 
     with running_service(env, tmp_path=tmp_path) as service:
         stuck, refused, waited = asyncio.run(scenario(service.base_url))
@@ -180,25 +178,26 @@ def test_pool_exhausted_is_503_with_retry_after(postgres_url: str, tmp_path: Pat
 def test_database_outage_is_503_and_recovers_without_restart(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    import sqlalchemy
+    with (
+        in_front_of(postgres_url) as (proxy, through_proxy),
+        running_service({"DATABASE_URL": through_proxy}, tmp_path=tmp_path) as service,
+    ):
+        base = service.base_url
+        created = httpx.post(f"{base}/users", json=user_body())
+        assert created.status_code == 201, created.text
+        uid = created.json()["uid"]
 
-    url = sqlalchemy.engine.make_url(postgres_url)
-    with TcpProxy.running(url.host or "127.0.0.1", url.port or 5432) as proxy:
-        through_proxy = url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)
-        with running_service({"DATABASE_URL": through_proxy}, tmp_path=tmp_path) as service:
-            base = service.base_url
-            uid = httpx.post(f"{base}/users", json=user_body()).json()["uid"]
+        proxy.set_mode(Mode.REFUSE)
+        down_read = httpx.get(f"{base}/users/{uid}", timeout=30)
+        down_health = httpx.get(f"{base}/health", timeout=30)
 
-            proxy.set_mode(Mode.REFUSE)
-            down_read = httpx.get(f"{base}/users/{uid}", timeout=30)
-            down_health = httpx.get(f"{base}/health", timeout=30)
-
-            proxy.set_mode(Mode.PASS)
-            recovered_at = time.monotonic()
-            while httpx.get(f"{base}/health", timeout=30).status_code != 200:
-                assert time.monotonic() - recovered_at < 15, "no recovery without a restart"
-                time.sleep(0.1)
-            after = [httpx.get(f"{base}/users/{uid}", timeout=30).status_code for _ in range(10)]
+        proxy.set_mode(Mode.PASS)
+        wait_until(
+            lambda: httpx.get(f"{base}/health", timeout=30).status_code == 200,
+            timeout=15,
+            what="recovery without a restart",
+        )
+        after = [httpx.get(f"{base}/users/{uid}", timeout=30).status_code for _ in range(10)]
 
     assert down_read.status_code == 503
     assert down_read.headers["retry-after"].isdigit()
