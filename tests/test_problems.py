@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 
 from service.app import create_app
 from tests.conftest import make_settings
-from tests.factories import create_user, user_body
+from tests.factories import create_conversation, create_user, user_body
 from tests.support import encode_cursor
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "request_id"}
@@ -119,7 +119,7 @@ def test_missing_required_fields_are_all_listed(client: TestClient) -> None:
 
 def test_lone_surrogate_is_422_on_every_backend(client: TestClient) -> None:
     user = create_user(client)
-    conversation = client.post(f"/users/{user['uid']}/conversations", json={"title": "t"}).json()
+    conversation = create_conversation(client, user["uid"])
 
     response = client.post(
         f"/conversations/{conversation['uid']}/messages",

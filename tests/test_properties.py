@@ -57,7 +57,9 @@ def _listing(client: httpx.Client, kind: str) -> Listing:
     if kind == "users":
         return Listing("/users", _add_user)
     user = _add_user(client)
-    conversation = client.post(f"/users/{user}/conversations", json={"title": "t"}).json()["uid"]
+    created = client.post(f"/users/{user}/conversations", json={"title": "t"})
+    assert created.status_code == 201, created.text
+    conversation = created.json()["uid"]
 
     def add_message(client: httpx.Client) -> str:
         response = client.post(f"/conversations/{conversation}/messages", json={"prompt": "p"})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from starlette.testclient import TestClient
 
@@ -95,9 +97,14 @@ def test_verified_at_is_set_when_verified_and_cleared_when_not(client: TestClien
     user = create_user(client)
     path = f"/users/{user['uid']}"
 
-    verified = client.patch(path, json={"is_verified": True}).json()
-    again = client.patch(path, json={"is_verified": True, "username": "ada2"}).json()
-    unverified = client.patch(path, json={"is_verified": False}).json()
+    def patch(body: dict[str, object]) -> dict[str, Any]:
+        response = client.patch(path, json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    verified = patch({"is_verified": True})
+    again = patch({"is_verified": True, "username": "ada2"})
+    unverified = patch({"is_verified": False})
 
     assert parse_time(verified["verified_at"]) >= parse_time(user["created_at"])
     assert again["verified_at"] == verified["verified_at"]
