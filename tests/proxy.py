@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 
+from sqlalchemy.engine import make_url
+
 from tests.support import free_port
 
 
@@ -107,3 +109,12 @@ class TcpProxy:
             writer.write(data)
             await writer.drain()
         writer.transport.abort()
+
+
+@contextmanager
+def in_front_of(database_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """A proxy to the server `database_url` names (so it follows TEST_DATABASE_URL),
+    and the same URL pointed at the proxy instead."""
+    url = make_url(database_url)
+    with TcpProxy.running(url.host or "127.0.0.1", url.port or 5432) as proxy:
+        yield proxy, url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -25,27 +29,30 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REQUIRE_POSTGRES = os.environ.get("REQUIRE_POSTGRES") == "1"
-# Every variable the service reads; tests start from none of them set.
-SERVICE_VARIABLES = (
-    "DATABASE_URL",
-    "DATABASE_CONNECTION_POOL_URL",
-    "PORT",
-    "WEB_CONCURRENCY",
-    "DB_POOL_SIZE",
-    "DB_MAX_OVERFLOW",
-    "DB_POOL_TIMEOUT",
-    "DB_STATEMENT_TIMEOUT_MS",
-    "DB_PGBOUNCER",
-    "INIT_DB",
-    "API_KEYS",
-    "MAX_BODY_BYTES",
-    "LOG_LEVEL",
-    "DATABASE_REPLICA_URLS",
-    "DB_REPLICA_MAX_LAG_MS",
+# What reads an environment variable in service/: environs' `env.<type>("NAME"...)` and
+# plain `os.environ`/`os.getenv` reads.
+_VARIABLE_READ = re.compile(
+    r"""(?:\benv\.\w+|os\.environ\.get|os\.getenv|os\.environ)\s*[(\[]\s*["']([A-Z][A-Z0-9_]*)["']"""
 )
 
 
-def _plain_dsn(database_url: str) -> str:
+def service_variables() -> tuple[str, ...]:
+    """Every variable the service reads, found in its source, so a new one cannot be
+    missed by the tests' clean environment or the .env.example check."""
+    names = {
+        name
+        for source in sorted((REPO / "service").rglob("*.py"))
+        for name in _VARIABLE_READ.findall(source.read_text())
+    }
+    return tuple(sorted(names))
+
+
+SERVICE_VARIABLES = service_variables()
+# A timestamp as the service writes it: RFC 3339, in UTC.
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)$")
+
+
+def plain_dsn(database_url: str) -> str:
     """asyncpg wants a plain postgresql:// DSN, whatever driver the URL names."""
     url = make_url(database_url).set(drivername="postgresql")
     return url.render_as_string(hide_password=False)
@@ -87,7 +94,7 @@ def fresh_postgres_database() -> Iterator[str]:
 
 async def fetch_value(database_url: str, sql: str) -> object:
     """One value straight from PostgreSQL, bypassing the service."""
-    connection = await asyncpg.connect(_plain_dsn(database_url), timeout=5)
+    connection = await asyncpg.connect(plain_dsn(database_url), timeout=5)
     try:
         return await connection.fetchval(sql)
     finally:
@@ -96,7 +103,7 @@ async def fetch_value(database_url: str, sql: str) -> object:
 
 async def execute(database_url: str, sql: str) -> None:
     """Run one or more statements straight on PostgreSQL, bypassing the service."""
-    connection = await asyncpg.connect(_plain_dsn(database_url), timeout=5)
+    connection = await asyncpg.connect(plain_dsn(database_url), timeout=5)
     try:
         await connection.execute(sql)
     finally:
@@ -183,6 +190,9 @@ def running_service(
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        # The shell may exit before the server it started: its last log lines
+        # (access lines, shutdown) are only complete once every process is gone.
+        wait_until(lambda: not service.is_running(), timeout=30, what="the service exits")
 
 
 def _path_with_venv() -> str:
@@ -196,3 +206,77 @@ def procfile_command(process_type: str) -> str:
         if name.strip() == process_type:
             return command.strip()
     raise AssertionError(f"Procfile has no {process_type}: line")
+
+
+# -- waiting on a condition, not a clock ------------------------------------------
+
+
+def wait_until(
+    predicate: Callable[[], object], *, timeout: float, interval: float = 0.05, what: str = ""
+) -> None:
+    """Poll `predicate` until it is true; fail naming `what` when `timeout` passes first."""
+    give_up_at = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > give_up_at:
+            raise AssertionError(f"not true within {timeout} s: {what or predicate}")
+        time.sleep(interval)
+
+
+async def wait_for_lock_waiters(database_url: str, count: int, *, within: float = 10) -> None:
+    """Wait until `count` sessions are blocked on a lock: the requests under test have
+    reached the database, which a fixed sleep could only hope for."""
+    connection = await asyncpg.connect(plain_dsn(database_url), timeout=5)
+    try:
+        give_up_at = time.monotonic() + within
+        while True:
+            waiting = await connection.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            if waiting >= count:
+                return
+            if time.monotonic() > give_up_at:
+                raise AssertionError(f"{waiting} of {count} requests reached the lock")
+            await asyncio.sleep(0.02)
+    finally:
+        await connection.close()
+
+
+@asynccontextmanager
+async def locked_table(
+    database_url: str, table: str = "users"
+) -> AsyncIterator[asyncpg.Connection]:
+    """Hold an ACCESS EXCLUSIVE lock on `table` from another session, so any request
+    touching it waits; the lock goes when the block ends. Yields that session."""
+    connection = await asyncpg.connect(plain_dsn(database_url), timeout=5)
+    try:
+        async with connection.transaction():
+            await connection.execute(f'LOCK TABLE "{table}" IN ACCESS EXCLUSIVE MODE')
+            yield connection
+    finally:
+        await connection.close()
+
+
+# -- values as the service writes them ----------------------------------------------
+
+
+def encode_cursor(value: object) -> str:
+    """A page cursor of the service's encoding (URL-safe base64 of JSON, unpadded),
+    around any value, or around raw bytes as given."""
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def parse_time(text: str) -> datetime:
+    """A timestamp the service sent, checked to be RFC 3339 in UTC; compare these,
+    not the strings (a zero microsecond drops the fraction from the text)."""
+    assert RFC3339_UTC.match(text), f"not an RFC 3339 UTC timestamp: {text!r}"
+    return datetime.fromisoformat(text)
+
+
+def assert_ids_and_times(body: dict[str, object], *, ids: list[str], times: list[str]) -> None:
+    """Each named id is a UUID the service made (version 4), each named time RFC 3339 UTC."""
+    for name in ids:
+        assert uuid.UUID(str(body[name])).version == 4, f"{name}: {body[name]!r}"
+    for name in times:
+        parse_time(str(body[name]))

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from starlette.testclient import TestClient
 
+from service.app import create_app
 from service.config import DEFAULT_DATABASE_URL, ConfigError, load_settings, normalize_database_url
+from service.db import create_engine
+from service.lifespan import StartupError, wait_for_database
+from tests.conftest import make_settings
+from tests.factories import user_body
 from tests.support import REPO, SERVICE_VARIABLES
 
 
@@ -44,6 +51,53 @@ def test_database_url_forms(given: str, expected: str) -> None:
     assert normalize_database_url(given).render_as_string(hide_password=False) == expected
 
 
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+@pytest.mark.parametrize("sslmode", SSLMODES)
+def test_every_libpq_sslmode_becomes_asyncpgs_ssl(sslmode: str) -> None:
+    url = normalize_database_url(f"postgres://u@h/app?sslmode={sslmode}")
+
+    assert dict(url.query) == {"ssl": sslmode}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("sslmode", ["disable", "allow", "prefer"])
+def test_sslmodes_that_allow_plain_connections_serve(postgres_url: str, sslmode: str) -> None:
+    """The test server has no TLS: these modes must still connect and serve."""
+    settings = make_settings(f"{postgres_url}?sslmode={sslmode}")
+
+    with TestClient(create_app(settings)) as client:
+        created = client.post("/users", json=user_body())
+
+    assert created.status_code == 201, created.text
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("sslmode", "reason"),
+    [
+        ("require", "rejected SSL upgrade"),
+        ("verify-ca", "root certificate"),
+        ("verify-full", "root certificate"),
+    ],
+)
+def test_sslmodes_that_demand_tls_reach_the_driver(
+    postgres_url: str, sslmode: str, reason: str
+) -> None:
+    """Against a server without TLS, these modes must fail: proof the mode is applied."""
+    engine = create_engine(make_settings(f"{postgres_url}?sslmode={sslmode}"))
+
+    async def attempt() -> None:
+        try:
+            await wait_for_database(engine, deadline_seconds=1)
+        finally:
+            await engine.dispose()
+
+    with pytest.raises(StartupError, match=reason):
+        asyncio.run(attempt())
+
+
 def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     values = {
         "DATABASE_URL": "postgres://u:secret@h/app",
@@ -61,6 +115,8 @@ def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         "DATABASE_REPLICA_URLS": "postgres://u:secret@r1/app, postgresql://u@r2/app?sslmode=require",
         "DB_REPLICA_MAX_LAG_MS": "1500",
     }
+    # DATABASE_CONNECTION_POOL_URL replaces DATABASE_URL: it has a test of its own.
+    assert {*values, "DATABASE_CONNECTION_POOL_URL"} == set(SERVICE_VARIABLES)
     for name, value in values.items():
         monkeypatch.setenv(name, value)
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from starlette.testclient import TestClient
 
 from tests.factories import create_conversation, create_message, create_user
+from tests.support import assert_ids_and_times, parse_time
+
+BAD_TITLES = [("", "empty"), ("x" * 201, "201 characters"), ("nul\x00byte", "NUL")]
 
 
 def test_create_conversation_for_a_user(client: TestClient) -> None:
@@ -20,6 +24,39 @@ def test_create_conversation_for_a_user(client: TestClient) -> None:
     assert conversation["user_uid"] == user["uid"]
     assert conversation["title"] == "Engines"
     assert client.get(response.headers["location"]).json() == conversation
+    assert_ids_and_times(conversation, ids=["uid", "user_uid"], times=["created_at", "updated_at"])
+
+
+def test_a_title_of_200_characters_is_accepted(client: TestClient) -> None:
+    user = create_user(client)
+
+    response = client.post(f"/users/{user['uid']}/conversations", json={"title": "x" * 200})
+
+    assert response.status_code == 201, response.text
+
+
+@pytest.mark.parametrize(("title", "why"), BAD_TITLES)
+def test_a_bad_title_is_422_on_create(client: TestClient, title: str, why: str) -> None:
+    user = create_user(client)
+    path = f"/users/{user['uid']}/conversations"
+
+    response = client.post(path, json={"title": title})
+
+    assert response.status_code == 422, why
+    assert response.json()["errors"][0]["loc"] == ["body", "title"]
+    assert client.get(path).json()["items"] == []
+
+
+@pytest.mark.parametrize(("title", "why"), BAD_TITLES)
+def test_a_bad_title_is_422_on_patch(client: TestClient, title: str, why: str) -> None:
+    conversation = create_conversation(client, create_user(client)["uid"])
+    path = f"/conversations/{conversation['uid']}"
+
+    response = client.patch(path, json={"title": title})
+
+    assert response.status_code == 422, why
+    assert response.json()["errors"][0]["loc"] == ["body", "title"]
+    assert client.get(path).json()["title"] == conversation["title"]
 
 
 def test_conversation_for_a_missing_user_is_404(client: TestClient) -> None:
@@ -37,8 +74,8 @@ def test_adding_a_message_bumps_the_conversation(client: TestClient) -> None:
     message = create_message(client, conversation["uid"])
 
     after = client.get(f"/conversations/{conversation['uid']}").json()
-    assert after["updated_at"] == message["created_at"]
-    assert after["updated_at"] > conversation["updated_at"]
+    assert parse_time(after["updated_at"]) == parse_time(message["created_at"])
+    assert parse_time(after["updated_at"]) > parse_time(conversation["updated_at"])
 
 
 def test_list_is_most_recently_updated_first_and_pages(client: TestClient) -> None:
@@ -57,6 +94,24 @@ def test_list_is_most_recently_updated_first_and_pages(client: TestClient) -> No
     order = [c["uid"] for c in page_one["items"] + page_two["items"]]
     assert order == [first["uid"], third["uid"], second["uid"]]
     assert page_two["next_cursor"] is None
+
+
+def test_a_renamed_conversation_moves_to_the_top_of_its_list(client: TestClient) -> None:
+    user = create_user(client)
+    first, second, third = (create_conversation(client, user["uid"], f"c{i}") for i in range(3))
+    path = f"/users/{user['uid']}/conversations"
+    before = [c["uid"] for c in client.get(path).json()["items"]]
+
+    renamed = client.patch(f"/conversations/{first['uid']}", json={"title": "Renamed"})
+
+    assert renamed.status_code == 200, renamed.text
+    assert parse_time(renamed.json()["updated_at"]) > parse_time(first["updated_at"])
+    assert before == [third["uid"], second["uid"], first["uid"]]
+    assert [c["uid"] for c in client.get(path).json()["items"]] == [
+        first["uid"],
+        third["uid"],
+        second["uid"],
+    ]
 
 
 def test_patch_conversation_title_with_if_match(client: TestClient) -> None:
@@ -82,6 +137,19 @@ def test_server_set_fields_cannot_be_patched(client: TestClient) -> None:
 
     assert response.status_code == 422
     assert response.json()["errors"][0]["loc"] == ["body", "user_uid"]
+
+
+def test_delete_conversation_honours_if_match(client: TestClient) -> None:
+    conversation = create_conversation(client, create_user(client)["uid"])
+    path = f"/conversations/{conversation['uid']}"
+    etag = client.get(path).headers["etag"]
+
+    stale = client.delete(path, headers={"If-Match": '"stale"'})
+    fresh = client.delete(path, headers={"If-Match": etag})
+
+    assert stale.status_code == 412
+    assert fresh.status_code == 204
+    assert client.get(path).status_code == 404
 
 
 def test_delete_conversation_removes_its_messages_only(client: TestClient) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,12 @@ FUZZ_SETTINGS = settings(
     suppress_health_check=list(HealthCheck),
 )
 STATEFUL_SETTINGS = settings(FUZZ_SETTINGS, max_examples=STATEFUL_SCENARIOS, stateful_step_count=8)
+# Below these a run proved little. Hypothesis stops early on an operation whose
+# inputs it exhausts (GET /health has none), so only operations with a path id or a
+# body must reach half their examples; every other one must be called at all.
+MIN_CALLS_WITH_INPUT = EXAMPLES_PER_OPERATION // 2
+MIN_CALLS = 1000
+MIN_SCENARIOS = 100
 
 
 @dataclass
@@ -81,12 +88,16 @@ def target(postgres_url: str, tmp_path: Path) -> Iterator[Target]:
 def _seed(base_url: str) -> dict[str, str]:
     """One user, conversation and message, so generated calls also reach stored rows."""
     with httpx.Client(base_url=base_url, headers=AUTH, timeout=10) as client:
-        user = client.post("/users", json=user_body()).json()["uid"]
-        conversation = client.post(f"/users/{user}/conversations", json={"title": "t"}).json()
-        message = client.post(
-            f"/conversations/{conversation['uid']}/messages", json={"prompt": "p"}
-        ).json()
-    return {"users": user, "conversations": conversation["uid"], "messages": message["uid"]}
+
+        def create(path: str, body: dict[str, str]) -> str:
+            response = client.post(path, json=body)
+            assert response.status_code == 201, response.text
+            return str(response.json()["uid"])
+
+        user = create("/users", user_body())
+        conversation = create(f"/users/{user}/conversations", {"title": "t"})
+        message = create(f"/conversations/{conversation}/messages", {"prompt": "p"})
+    return {"users": user, "conversations": conversation, "messages": message}
 
 
 def _describe(case: Case, response: Response, group: FailureGroup) -> str:
@@ -121,15 +132,15 @@ def test_every_operation_answers_as_documented(target: Target) -> None:
     seeded = _seed(target.base_url)
     # The last failure recorded per operation is Hypothesis' shrunk, final example.
     failures: dict[str, str] = {}
-    calls = 0
+    calls: Counter[str] = Counter()
     started = time.monotonic()
-    for operation in _operations(target.schema):
+    operations = _operations(target.schema)
+    for operation in operations:
 
         @FUZZ_SETTINGS
         @given(case=_cases(operation, seeded))
         def call(case: Case) -> None:
-            nonlocal calls
-            calls += 1
+            calls[case.operation.label] += 1
             response = case.call(timeout=10)
             try:
                 case.validate_response(response, checks=CHECKS)
@@ -139,8 +150,13 @@ def test_every_operation_answers_as_documented(target: Target) -> None:
 
         with contextlib.suppress(FailureGroup):  # recorded above; on to the next operation
             call()
-    print(f"fuzzed {calls} calls in {time.monotonic() - started:.1f} s")
+    print(f"fuzzed {calls.total()} calls in {time.monotonic() - started:.1f} s")
     assert not failures, "\n\n".join(failures.values())
+    assert {operation.label for operation in operations} == set(calls)
+    with_input = [op.label for op in operations if "{uid}" in op.path or op.body]
+    assert len(with_input) >= len(operations) // 2
+    assert all(calls[label] >= MIN_CALLS_WITH_INPUT for label in with_input), calls
+    assert calls.total() >= MIN_CALLS, calls
 
 
 def test_linked_scenarios_answer_as_documented(target: Target) -> None:
@@ -178,3 +194,4 @@ def test_linked_scenarios_answer_as_documented(target: Target) -> None:
             break
     print(f"ran {scenarios} scenarios ({restarts} restarts) in {time.monotonic() - started:.1f} s")
     assert not failures, "\n\n".join(failures)
+    assert scenarios >= MIN_SCENARIOS, f"only {scenarios} scenarios ran"

@@ -6,7 +6,6 @@ connections than the pools allow, and every worker's pool is back to 0 checked o
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import socket
@@ -27,7 +26,7 @@ import httpx
 import pytest
 
 from tests.factories import user_body
-from tests.support import running_service
+from tests.support import encode_cursor, running_service
 
 pytestmark = pytest.mark.postgres
 
@@ -188,9 +187,9 @@ async def _concurrent_load(base_url: str, tally: Tally) -> None:
 
 def _cursor(*, at: str | None = None, uid: object = None) -> str:
     """A cursor of the service's shape, with any time and uid in it."""
-    at = at or datetime.now(UTC).isoformat()
-    raw = json.dumps([at, uuid.uuid4().hex if uid is None else uid]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return encode_cursor(
+        [at or datetime.now(UTC).isoformat(), uuid.uuid4().hex if uid is None else uid]
+    )
 
 
 async def _handler_errors(base_url: str, database_url: str, tally: Tally) -> None:

@@ -8,6 +8,17 @@ import pytest
 from starlette.testclient import TestClient
 
 from tests.factories import create_conversation, create_message, create_user
+from tests.support import assert_ids_and_times
+
+# Fields a client may not send: unknown ones, and those the service sets itself.
+FORBIDDEN_FIELDS = [
+    ("nickname", "x"),
+    ("uid", str(uuid.uuid4())),
+    ("conversation_uid", str(uuid.uuid4())),
+    ("user_uid", str(uuid.uuid4())),
+    ("created_at", "2020-01-01T00:00:00Z"),
+    ("updated_at", "2020-01-01T00:00:00Z"),
+]
 
 
 @pytest.fixture
@@ -29,6 +40,9 @@ def test_create_message_takes_the_owner_from_the_conversation(
     assert message["conversation_uid"] == conversation["uid"]
     assert message["user_uid"] == conversation["user_uid"]
     assert client.get(response.headers["location"]).json() == message
+    assert_ids_and_times(
+        message, ids=["uid", "conversation_uid", "user_uid"], times=["created_at", "updated_at"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -51,17 +65,59 @@ def test_a_message_needs_a_prompt_or_a_response(
     assert response.status_code == 422
 
 
+@pytest.mark.parametrize("field", ["prompt", "response"])
 def test_text_is_limited_to_100000_characters(
-    client: TestClient, conversation: dict[str, str]
+    client: TestClient, conversation: dict[str, str], field: str
 ) -> None:
     path = f"/conversations/{conversation['uid']}/messages"
 
-    at_limit = client.post(path, json={"prompt": "x" * 100_000})
-    over = client.post(path, json={"response": "x" * 100_001})
+    at_limit = client.post(path, json={field: "x" * 100_000})
+    over = client.post(path, json={field: "x" * 100_001})
 
     assert at_limit.status_code == 201
     assert over.status_code == 422
-    assert over.json()["errors"][0]["loc"] == ["body", "response"]
+    assert over.json()["errors"][0]["loc"] == ["body", field]
+
+
+@pytest.mark.parametrize("field", ["prompt", "response"])
+def test_a_patch_over_100000_characters_is_422(
+    client: TestClient, conversation: dict[str, str], field: str
+) -> None:
+    message = create_message(client, conversation["uid"], prompt="p", response="r")
+    path = f"/messages/{message['uid']}"
+
+    response = client.patch(path, json={field: "x" * 100_001})
+
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"] == ["body", field]
+    assert client.get(path).json()[field] == message[field]
+
+
+@pytest.mark.parametrize(("field", "value"), FORBIDDEN_FIELDS)
+def test_unknown_or_server_set_fields_are_422_on_create(
+    client: TestClient, conversation: dict[str, str], field: str, value: str
+) -> None:
+    path = f"/conversations/{conversation['uid']}/messages"
+
+    response = client.post(path, json={"prompt": "p", field: value})
+
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"] == ["body", field]
+    assert client.get(path).json()["items"] == []
+
+
+@pytest.mark.parametrize(("field", "value"), FORBIDDEN_FIELDS)
+def test_unknown_or_server_set_fields_are_422_on_patch(
+    client: TestClient, conversation: dict[str, str], field: str, value: str
+) -> None:
+    message = create_message(client, conversation["uid"])
+    path = f"/messages/{message['uid']}"
+
+    response = client.patch(path, json={"prompt": "changed", field: value})
+
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"] == ["body", field]
+    assert client.get(path).json() == message
 
 
 def test_message_in_missing_conversation_is_404(client: TestClient) -> None:
@@ -100,6 +156,20 @@ def test_patch_may_not_leave_a_message_empty(
     assert swapped.status_code == 200
     assert swapped.json()["prompt"] is None
     assert swapped.json()["response"] == "r"
+
+
+def test_patch_message_honours_if_match(client: TestClient, conversation: dict[str, str]) -> None:
+    message = create_message(client, conversation["uid"])
+    path = f"/messages/{message['uid']}"
+    etag = client.get(path).headers["etag"]
+
+    fresh = client.patch(path, json={"response": "r"}, headers={"If-Match": etag})
+    stale = client.patch(path, json={"response": "again"}, headers={"If-Match": etag})
+
+    assert fresh.status_code == 200
+    assert fresh.headers["etag"] != etag
+    assert stale.status_code == 412
+    assert client.get(path).json()["response"] == "r"
 
 
 def test_delete_message_with_if_match(client: TestClient, conversation: dict[str, str]) -> None:

@@ -16,7 +16,13 @@ from sqlalchemy.engine import make_url
 
 from tests.factories import user_body
 from tests.pgbouncer import PgBouncer, running_pgbouncer
-from tests.support import POSTGRES_ADMIN_URL, ServiceProcess, running_service, wait_until_live
+from tests.support import (
+    POSTGRES_ADMIN_URL,
+    ServiceProcess,
+    locked_table,
+    running_service,
+    wait_until_live,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -24,6 +30,10 @@ POOL_SIZE = 5
 ROUNDS = 40  # of 9 requests each: 360 requests
 CONCURRENCY = 32
 CONTROL_STARTUP_SECONDS = 40
+LOCK_WAITERS = (
+    "SELECT count(*) FROM pg_stat_activity"
+    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+)
 # What each step of a round answers when all is well.
 EXPECTED = {
     "create user": 201,
@@ -219,22 +229,18 @@ def test_statement_timeout_behind_the_bouncer_is_a_503_not_a_hang(
     }
 
     async def scenario(base_url: str) -> tuple[httpx.Response, float, int, httpx.Response]:
-        locker = await asyncpg.connect(postgres_url, timeout=5)
-        try:
-            async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
-                async with locker.transaction():
-                    await locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-                    started = time.monotonic()
-                    stuck = await client.get("/users")
-                    waited = time.monotonic() - started
-                    await asyncio.sleep(0.5)  # let the cancel reach the server
-                    waiting = await locker.fetchval(
-                        "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    )
-                after = await client.get("/users")
-        finally:
-            await locker.close()
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            async with locked_table(postgres_url) as locker:
+                started = time.monotonic()
+                stuck = await client.get("/users")
+                waited = time.monotonic() - started
+                # The cancel reaches the server just after the 503: poll for it.
+                give_up_at = time.monotonic() + 5
+                while (waiting := await locker.fetchval(LOCK_WAITERS)) and (  # noqa: ASYNC110
+                    time.monotonic() < give_up_at
+                ):
+                    await asyncio.sleep(0.05)
+            after = await client.get("/users")
         return stuck, waited, waiting, after
 
     with running_service(env, tmp_path=tmp_path) as service:

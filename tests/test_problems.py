@@ -12,7 +12,8 @@ from starlette.testclient import TestClient
 
 from service.app import create_app
 from tests.conftest import make_settings
-from tests.factories import create_user, user_body
+from tests.factories import create_conversation, create_user, user_body
+from tests.support import encode_cursor
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "request_id"}
 
@@ -118,7 +119,7 @@ def test_missing_required_fields_are_all_listed(client: TestClient) -> None:
 
 def test_lone_surrogate_is_422_on_every_backend(client: TestClient) -> None:
     user = create_user(client)
-    conversation = client.post(f"/users/{user['uid']}/conversations", json={"title": "t"}).json()
+    conversation = create_conversation(client, user["uid"])
 
     response = client.post(
         f"/conversations/{conversation['uid']}/messages",
@@ -183,19 +184,15 @@ def test_bad_limit_is_422(client: TestClient, limit: str) -> None:
     assert body["errors"][0]["loc"] == ["query", "limit"]
 
 
-def _cursor(value: object) -> str:
-    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
-
-
 @pytest.mark.parametrize(
     "cursor",
     [
         "garbage",
         "e30",
         "WyJ4IiwgInkiXQ",
-        _cursor(["2026-01-01T00:00:00+00:00", 5]),
-        _cursor(["2026-01-01T00:00:00", uuid.uuid4().hex]),
-        _cursor(["0001-01-01T00:00:00+14:00", uuid.uuid4().hex]),
+        encode_cursor(["2026-01-01T00:00:00+00:00", 5]),
+        encode_cursor(["2026-01-01T00:00:00", uuid.uuid4().hex]),
+        encode_cursor(["0001-01-01T00:00:00+14:00", uuid.uuid4().hex]),
         base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).decode(),
     ],
 )
@@ -217,3 +214,16 @@ def test_incoming_request_id_is_kept_when_well_formed(client: TestClient) -> Non
     assert replaced.headers["x-request-id"] != "short"
     assert len(replaced.headers["x-request-id"]) >= 20
     assert bad_chars.headers["x-request-id"] != "a" * 30 + "<script>"
+
+
+@pytest.mark.parametrize(("length", "kept"), [(19, False), (20, True), (200, True), (201, False)])
+def test_incoming_request_id_is_kept_only_at_20_to_200_characters(
+    client: TestClient, length: int, kept: bool
+) -> None:
+    incoming = ("aZ09+/=-" * 26)[:length]
+
+    response = client.get("/nowhere", headers={"X-Request-ID": incoming})
+
+    assert (response.headers["x-request-id"] == incoming) is kept
+    assert response.json()["request_id"] == response.headers["x-request-id"]
+    assert 20 <= len(response.headers["x-request-id"]) <= 200

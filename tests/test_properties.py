@@ -9,7 +9,6 @@ nothing; whatever arrives in a body or a query, the answer is never a 5xx.
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import uuid
@@ -28,7 +27,7 @@ from starlette.testclient import TestClient
 from service.app import create_app
 from tests.conftest import make_settings
 from tests.factories import user_body
-from tests.support import running_service
+from tests.support import encode_cursor, running_service
 
 BOUNDED = settings(
     deadline=None,
@@ -58,7 +57,9 @@ def _listing(client: httpx.Client, kind: str) -> Listing:
     if kind == "users":
         return Listing("/users", _add_user)
     user = _add_user(client)
-    conversation = client.post(f"/users/{user}/conversations", json={"title": "t"}).json()["uid"]
+    created = client.post(f"/users/{user}/conversations", json={"title": "t"})
+    assert created.status_code == 201, created.text
+    conversation = created.json()["uid"]
 
     def add_message(client: httpx.Client) -> str:
         response = client.post(f"/conversations/{conversation}/messages", json={"prompt": "p"})
@@ -347,11 +348,6 @@ def test_a_user_is_stored_exactly_when_its_body_is_valid(database_url: str) -> N
 # -- nothing a client sends is a 5xx ---------------------------------------------
 
 
-def _cursor(value: Any) -> str:
-    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
 OFFSETS = st.integers(-1439, 1439).map(lambda minutes: timezone(timedelta(minutes=minutes)))
 EDGE_TIMES = st.sampled_from([datetime.min, datetime.max]).flatmap(
     lambda edge: OFFSETS.map(lambda offset: edge.replace(tzinfo=offset))
@@ -367,9 +363,9 @@ FORGED_CURSORS = st.tuples(  # the shape the service issues, with any time and a
 ).map(list)
 CURSORS = st.one_of(
     st.text(max_size=30),
-    FORGED_CURSORS.map(_cursor),
-    JSON_VALUES.map(_cursor),
-    st.binary(max_size=20).map(_cursor),
+    FORGED_CURSORS.map(encode_cursor),
+    JSON_VALUES.map(encode_cursor),
+    st.binary(max_size=20).map(encode_cursor),
 )
 LIMITS = st.one_of(
     st.integers(-(10**6), 10**6).map(str),
@@ -383,9 +379,11 @@ def test_any_page_query_is_answered_without_a_server_error(database_url: str) ->
     with TestClient(create_app(make_settings(database_url))) as client:
 
         @example(limit="1" * 5000, cursor=None)
-        @example(limit=None, cursor=_cursor(b"[" * 5000 + b"]" * 5000))
-        @example(limit=None, cursor=_cursor(["2026-01-01T00:00:00+00:00", 5]))
-        @example(limit=None, cursor=_cursor(["0001-01-01T00:00:00+14:00", uuid.UUID(int=0).hex]))
+        @example(limit=None, cursor=encode_cursor(b"[" * 5000 + b"]" * 5000))
+        @example(limit=None, cursor=encode_cursor(["2026-01-01T00:00:00+00:00", 5]))
+        @example(
+            limit=None, cursor=encode_cursor(["0001-01-01T00:00:00+14:00", uuid.UUID(int=0).hex])
+        )
         @settings(BOUNDED, max_examples=100)
         @given(limit=st.none() | LIMITS, cursor=st.none() | CURSORS)
         def list_users(limit: str | None, cursor: str | None) -> None:

@@ -15,8 +15,15 @@ from sqlalchemy.engine import make_url as sqlalchemy_url
 
 from service.server import listen
 from tests.factories import user_body
-from tests.proxy import Mode, TcpProxy
-from tests.support import execute, fetch_value, running_service
+from tests.proxy import Mode, in_front_of
+from tests.support import (
+    execute,
+    fetch_value,
+    locked_table,
+    running_service,
+    wait_for_lock_waiters,
+    wait_until,
+)
 
 
 def test_procfile_web_serves_on_the_embedded_default(tmp_path: Path) -> None:
@@ -48,6 +55,29 @@ def test_procfile_web_serves_on_the_database_given(database_url: str, tmp_path: 
     assert check["status"] == "pass"
     assert check["observedUnit"] == "ms"
     assert health["pool"] == {"size": 5, "checked_out": 0, "overflow": 0}
+
+
+def test_procfile_web_listens_on_every_interface(tmp_path: Path) -> None:
+    """0.0.0.0, not 127.0.0.1: a platform's router reaches the dyno on an address of
+    its own. 127.0.0.2 is loopback too, but only a wildcard bind accepts it."""
+    with running_service({}, tmp_path=tmp_path) as service:
+        port = service.base_url.rsplit(":", 1)[1]
+        other_address = httpx.get(f"http://127.0.0.2:{port}/health/live", timeout=5)
+
+    assert other_address.status_code == 200
+
+
+def test_procfile_web_trusts_the_platforms_proxy_headers(tmp_path: Path) -> None:
+    """The router ends TLS and says so in X-Forwarded-Proto; URLs the service builds
+    (here the redirect for a trailing slash) must then be https."""
+    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"}
+    with running_service({}, tmp_path=tmp_path) as service:
+        redirect = httpx.get(f"{service.base_url}/users/", headers=headers)
+        plain = httpx.get(f"{service.base_url}/users/")
+
+    assert redirect.status_code == 307
+    assert redirect.headers["location"].startswith("https://")
+    assert plain.headers["location"].startswith("http://")
 
 
 def test_streamed_body_over_the_limit_is_413_without_reading_it_all(tmp_path: Path) -> None:
@@ -126,23 +156,14 @@ def test_pool_exhausted_is_503_with_retry_after(postgres_url: str, tmp_path: Pat
     }
 
     async def scenario(base_url: str) -> tuple[httpx.Response, httpx.Response, float]:
-        import asyncpg
-
-        locker = await asyncpg.connect(postgres_url.replace("+asyncpg", ""))
-        try:
-            lock = locker.transaction()
-            await lock.start()
-            await locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-            async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            async with locked_table(postgres_url):
                 stuck = asyncio.create_task(client.get("/users"))
-                await asyncio.sleep(0.3)
+                await wait_for_lock_waiters(postgres_url, 1)
                 started = time.monotonic()
                 refused = await client.get("/users")
                 waited = time.monotonic() - started
-                await lock.rollback()
-                return await stuck, refused, waited
-        finally:
-            await locker.close()
+            return await stuck, refused, waited
 
     with running_service(env, tmp_path=tmp_path) as service:
         stuck, refused, waited = asyncio.run(scenario(service.base_url))
@@ -158,25 +179,26 @@ def test_pool_exhausted_is_503_with_retry_after(postgres_url: str, tmp_path: Pat
 def test_database_outage_is_503_and_recovers_without_restart(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    import sqlalchemy
+    with (
+        in_front_of(postgres_url) as (proxy, through_proxy),
+        running_service({"DATABASE_URL": through_proxy}, tmp_path=tmp_path) as service,
+    ):
+        base = service.base_url
+        created = httpx.post(f"{base}/users", json=user_body())
+        assert created.status_code == 201, created.text
+        uid = created.json()["uid"]
 
-    url = sqlalchemy.engine.make_url(postgres_url)
-    with TcpProxy.running(url.host or "127.0.0.1", url.port or 5432) as proxy:
-        through_proxy = url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)
-        with running_service({"DATABASE_URL": through_proxy}, tmp_path=tmp_path) as service:
-            base = service.base_url
-            uid = httpx.post(f"{base}/users", json=user_body()).json()["uid"]
+        proxy.set_mode(Mode.REFUSE)
+        down_read = httpx.get(f"{base}/users/{uid}", timeout=30)
+        down_health = httpx.get(f"{base}/health", timeout=30)
 
-            proxy.set_mode(Mode.REFUSE)
-            down_read = httpx.get(f"{base}/users/{uid}", timeout=30)
-            down_health = httpx.get(f"{base}/health", timeout=30)
-
-            proxy.set_mode(Mode.PASS)
-            recovered_at = time.monotonic()
-            while httpx.get(f"{base}/health", timeout=30).status_code != 200:
-                assert time.monotonic() - recovered_at < 15, "no recovery without a restart"
-                time.sleep(0.1)
-            after = [httpx.get(f"{base}/users/{uid}", timeout=30).status_code for _ in range(10)]
+        proxy.set_mode(Mode.PASS)
+        wait_until(
+            lambda: httpx.get(f"{base}/health", timeout=30).status_code == 200,
+            timeout=15,
+            what="recovery without a restart",
+        )
+        after = [httpx.get(f"{base}/users/{uid}", timeout=30).status_code for _ in range(10)]
 
     assert down_read.status_code == 503
     assert down_read.headers["retry-after"].isdigit()
@@ -249,3 +271,47 @@ def test_four_workers_answer_as_fast_as_one(tmp_path: Path) -> None:
             medians[workers] = median_latency_ms(service.base_url)
 
     assert medians["4"] < medians["1"] + 20, medians
+
+
+@pytest.mark.postgres
+def test_an_unexpected_database_error_on_a_real_route_is_a_bare_500(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A trigger raises an SQLSTATE nothing maps (P0001): the client gets a generic
+    problem with its request id, the log has the id, and neither leaks the SQL."""
+    request_id = "unmapped-sqlstate-0123456789"
+    with (
+        running_service({"DATABASE_URL": postgres_url}, tmp_path=tmp_path) as service,
+        httpx.Client(base_url=service.base_url, timeout=10) as client,
+    ):
+        user = client.post("/users", json=user_body())
+        assert user.status_code == 201, user.text
+        conversation = client.post(
+            f"/users/{user.json()['uid']}/conversations", json={"title": "t"}
+        )
+        assert conversation.status_code == 201, conversation.text
+        asyncio.run(
+            execute(
+                postgres_url,
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$ BEGIN RAISE EXCEPTION 'trigger says no' USING ERRCODE = 'P0001'; END $$;"
+                " CREATE TRIGGER refuse BEFORE INSERT ON messages"
+                " FOR EACH ROW EXECUTE FUNCTION refuse()",
+            )
+        )
+        response = client.post(
+            f"/conversations/{conversation.json()['uid']}/messages",
+            json={"prompt": "private prompt"},
+            headers={"X-Request-ID": request_id},
+        )
+    log = service.log()
+
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["x-request-id"] == request_id
+    body = response.json()
+    assert body["status"] == 500
+    assert body["request_id"] == request_id
+    for leak in ("INSERT", "messages", "trigger says no", "P0001", "private prompt", "Traceback"):
+        assert leak not in response.text, leak
+    assert any(f"[{request_id}]" in line and " ERROR " in line for line in log.splitlines()), log

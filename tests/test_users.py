@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import re
-import uuid
-from datetime import datetime
+from typing import Any
 
+import pytest
 from starlette.testclient import TestClient
 
-from tests.factories import create_user, user_body
-
-RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+from tests.factories import create_conversation, create_message, create_user, user_body
+from tests.support import assert_ids_and_times, parse_time
 
 
 def test_create_user_returns_201_location_etag_and_server_fields(client: TestClient) -> None:
@@ -20,13 +18,12 @@ def test_create_user_returns_201_location_etag_and_server_fields(client: TestCli
     user = response.json()
     assert response.headers["location"] == f"/users/{user['uid']}"
     assert response.headers["etag"].startswith('"')
-    assert uuid.UUID(user["uid"]).version == 4
+    assert_ids_and_times(user, ids=["uid"], times=["created_at", "updated_at"])
     assert user["email"] == "Ada@example.com"
     assert user["role"] == "user"
     assert user["is_verified"] is False
     assert user["verified_at"] is None
-    assert RFC3339_UTC.match(user["created_at"])
-    assert user["created_at"] == user["updated_at"]
+    assert parse_time(user["created_at"]) == parse_time(user["updated_at"])
 
 
 def test_created_user_reads_back_identically(client: TestClient) -> None:
@@ -37,7 +34,7 @@ def test_created_user_reads_back_identically(client: TestClient) -> None:
     assert read.status_code == 200
     assert read.json() == created.json()
     assert read.headers["etag"] == created.headers["etag"]
-    assert RFC3339_UTC.match(read.json()["verified_at"])
+    parse_time(read.json()["verified_at"])
 
 
 def test_head_user_has_headers_and_no_body(client: TestClient) -> None:
@@ -70,21 +67,46 @@ def test_patch_changes_only_given_fields_and_bumps_updated_at(client: TestClient
     assert patched["last_name"] == "Byron"
     assert patched["first_name"] == "Ada"
     assert patched["created_at"] == user["created_at"]
-    assert datetime.fromisoformat(patched["updated_at"]) > datetime.fromisoformat(
-        user["updated_at"]
-    )
+    assert parse_time(patched["updated_at"]) > parse_time(user["updated_at"])
     assert client.get(f"/users/{user['uid']}").json() == patched
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("nickname", "x"),
+        ("uid", "00000000-0000-4000-8000-000000000000"),
+        ("created_at", "2020-01-01T00:00:00Z"),
+        ("updated_at", "2020-01-01T00:00:00Z"),
+        ("verified_at", "2020-01-01T00:00:00Z"),
+    ],
+)
+def test_patch_with_an_unknown_or_server_set_field_is_422(
+    client: TestClient, field: str, value: str
+) -> None:
+    user = create_user(client)
+
+    response = client.patch(f"/users/{user['uid']}", json={"username": "new", field: value})
+
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"] == ["body", field]
+    assert client.get(f"/users/{user['uid']}").json() == user
 
 
 def test_verified_at_is_set_when_verified_and_cleared_when_not(client: TestClient) -> None:
     user = create_user(client)
     path = f"/users/{user['uid']}"
 
-    verified = client.patch(path, json={"is_verified": True}).json()
-    again = client.patch(path, json={"is_verified": True, "username": "ada2"}).json()
-    unverified = client.patch(path, json={"is_verified": False}).json()
+    def patch(body: dict[str, object]) -> dict[str, Any]:
+        response = client.patch(path, json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
 
-    assert verified["verified_at"] is not None
+    verified = patch({"is_verified": True})
+    again = patch({"is_verified": True, "username": "ada2"})
+    unverified = patch({"is_verified": False})
+
+    assert parse_time(verified["verified_at"]) >= parse_time(user["created_at"])
     assert again["verified_at"] == verified["verified_at"]
     assert unverified["verified_at"] is None
 
@@ -121,10 +143,8 @@ def test_patch_and_delete_honour_if_match(client: TestClient) -> None:
 
 def test_delete_user_removes_its_conversations_and_messages(client: TestClient) -> None:
     user = create_user(client)
-    conversation = client.post(f"/users/{user['uid']}/conversations", json={"title": "t"}).json()
-    message = client.post(
-        f"/conversations/{conversation['uid']}/messages", json={"prompt": "p"}
-    ).json()
+    conversation = create_conversation(client, user["uid"])
+    message = create_message(client, conversation["uid"])
 
     assert client.delete(f"/users/{user['uid']}").status_code == 204
 
