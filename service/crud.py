@@ -28,6 +28,7 @@ from service.models import (
     User,
     UserCreate,
     UserUpdate,
+    email_key,
     utc_now,
 )
 from service.pagination import PageRequest, keyset
@@ -69,6 +70,7 @@ async def create_user(session: AsyncSession, *, data: UserCreate) -> User:
     now = utc_now()
     user = User(
         **data.model_dump(),
+        email_key=email_key(data.email),
         verified_at=now if data.is_verified else None,
         created_at=now,
         updated_at=now,
@@ -88,6 +90,8 @@ async def update_user(session: AsyncSession, user: User, data: UserUpdate) -> No
     now = utc_now()
     if changes.get("is_verified", user.is_verified) != user.is_verified:
         user.verified_at = now if changes["is_verified"] else None
+    if "email" in changes:
+        changes["email_key"] = email_key(changes["email"])
     user.sqlmodel_update(changes)
     user.updated_at = now
     await session.flush()

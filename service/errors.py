@@ -34,9 +34,13 @@ _TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57")
 UNREACHABLE = (ConnectionError, TimeoutError, socket.gaierror)
 _UNIQUE_VIOLATION = "23505"
 _FOREIGN_KEY_VIOLATION = "23503"
-# What a unique index means to a client, by index name.
+_EMAIL_TAKEN = ("email", "a user with this email already exists")
+# What a unique index means to a client, by index name (SQLite names a
+# one-column index by its column instead).
 UNIQUE_FIELDS: Mapping[str, tuple[str, str]] = {
-    "uq_users_email_lower": ("email", "a user with this email already exists"),
+    "uq_users_email_lower": _EMAIL_TAKEN,
+    "uq_users_email_key": _EMAIL_TAKEN,
+    "users.email_key": _EMAIL_TAKEN,
 }
 
 

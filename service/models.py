@@ -9,6 +9,7 @@ document shows exactly what is enforced.
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -29,6 +30,22 @@ def storable_text(value: str) -> str:
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
     return value
+
+
+def email_key(email: str) -> str:
+    """What makes two emails one user, computed here because databases disagree
+    (SQLite's lower() folds only ASCII; PostgreSQL's follows the locale).
+
+    The local part is compared as Unicode compatibility-caseless text (full case
+    folding and NFKC: `ÉMILE` is `émile`, `STRASSE` is `straße`, fullwidth letters
+    and ligatures such as `ﬁ` are plain letters), so look-alike addresses cannot
+    make a second account. The domain is compared as IDNA normalised it (lower case),
+    not folded: `faß.de` and `fass.de` are two domains.
+    """
+    local, _, domain = email.rpartition("@")
+    # Unicode's compatibility caseless match (D146), kept in composed form.
+    folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFD", local).casefold())
+    return f"{unicodedata.normalize('NFKC', folded.casefold())}@{domain.lower()}"
 
 
 def _bounded(min_length: int, max_length: int) -> Any:
@@ -123,7 +140,9 @@ class User(UserBase, table=True):
     __mapper_args__ = _versioned_by(_USER_VERSION)
     __tablename__ = "users"
     __table_args__ = (
+        # Kept while a release that relies on it may still run (see README).
         Index("uq_users_email_lower", func.lower(Column("email")), unique=True),
+        Index("uq_users_email_key", "email_key", unique=True),
         Index("ix_users_created_at_uid", "created_at", "uid"),
     )
 
@@ -131,6 +150,11 @@ class User(UserBase, table=True):
     verified_at: datetime | None = _timestamp(nullable=True)
     created_at: datetime = _timestamp()
     updated_at: datetime = Field(sa_column=_USER_VERSION)
+    # email_key(email), written by crud with every email. Unbounded: NFKC can
+    # lengthen text 11-fold in bytes, though 254 bytes of email stay under 2.2 KB,
+    # inside PostgreSQL's index entry limit. Nullable until no running release
+    # writes users without it (README, "Changing a schema under a running service").
+    email_key: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
 class UserPublic(SQLModel):
