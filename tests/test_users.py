@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
 from tests.factories import create_conversation, create_message, create_user, user_body
-from tests.support import assert_ids_and_times, parse_time
+from tests.support import assert_ids_and_times, parse_time, running_service
 
 
 def test_create_user_returns_201_location_etag_and_server_fields(client: TestClient) -> None:
@@ -55,6 +57,75 @@ def test_email_is_unique_case_insensitively(client: TestClient) -> None:
     assert response.status_code == 409
     assert response.headers["content-type"] == "application/problem+json"
     assert "email" in response.json()["detail"]
+
+
+# Pairs of emails that are one user, though lower() on some backend tells them apart.
+FOLDED_TWINS = [
+    ("ÉMILE@example.org", "émile@example.org"),  # SQLite's lower() folds only ASCII
+    ("STRASSE@example.org", "straße@example.org"),  # full case folding: ß is ss
+    ("\uff21\uff24\uff21@example.org", "ada@example.org"),  # NFKC: fullwidth ADA is ADA
+]
+
+
+def test_emails_equal_after_unicode_case_folding_are_one_user(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Through the real process, on every backend: the second of each pair gets 409,
+    whether created or patched in."""
+    outcomes = {}
+    with (
+        running_service({"DATABASE_URL": database_url}, tmp_path=tmp_path) as web,
+        httpx.Client(base_url=web.base_url, timeout=10) as http,
+    ):
+        for first, second in FOLDED_TWINS:
+            created = http.post("/users", json=user_body(email=first))
+            taken = http.post("/users", json=user_body(email=second))
+            other = http.post("/users", json=user_body()).json()
+            moved = http.patch(f"/users/{other['uid']}", json={"email": second})
+            outcomes[second] = (created.status_code, taken.status_code, moved.status_code)
+        problem = taken.json()
+
+    assert outcomes == {second: (201, 409, 409) for _, second in FOLDED_TWINS}
+    assert problem["detail"] == "a user with this email already exists"
+
+
+def test_a_patched_email_takes_its_uniqueness_along(client: TestClient) -> None:
+    user = create_user(client, email="ÉMILE@example.org")
+    path = f"/users/{user['uid']}"
+
+    recased = client.patch(path, json={"email": "émile@example.org"})
+    moved = client.patch(path, json={"email": "straße@example.org"})
+    freed = client.post("/users", json=user_body(email="Émile@example.org"))
+    held = client.post("/users", json=user_body(email="STRASSE@example.org"))
+
+    assert recased.status_code == 200  # the same user: its own key does not conflict
+    assert moved.status_code == 200
+    assert freed.status_code == 201
+    assert held.status_code == 409
+
+
+def test_domains_are_not_case_folded_past_idna(client: TestClient) -> None:
+    """IDNA keeps ß in a domain: faß.de and fass.de are two domains."""
+    create_user(client, email="ada@faß.de")
+
+    other_domain = client.post("/users", json=user_body(email="ada@fass.de"))
+    same_domain = client.post("/users", json=user_body(email="ada@FASS.de"))
+
+    assert other_domain.status_code == 201
+    assert same_domain.status_code == 409
+
+
+def test_the_email_whose_key_is_longest_is_stored(client: TestClient) -> None:
+    """NFKC turns U+FDFA into 18 characters: 64 of them make a 2.2 KB key, which must
+    still fit PostgreSQL's index entry (about 2.7 KB), not end in a 500."""
+    longest = "\ufdfa" * 64 + "@" + "b" * 57 + ".com"  # 254 bytes, the most allowed
+    assert len(longest.encode()) == 254
+
+    created = client.post("/users", json=user_body(email=longest))
+    again = client.post("/users", json=user_body(email=longest))
+
+    assert created.status_code == 201
+    assert again.status_code == 409
 
 
 def test_patch_changes_only_given_fields_and_bumps_updated_at(client: TestClient) -> None:
