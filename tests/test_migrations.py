@@ -41,6 +41,7 @@ from service.db.schema import (
     scripts,
 )
 from service.lifespan import start
+from service.models import email_key
 from tests.conftest import make_settings
 from tests.factories import user_body
 from tests.pgbouncer import running_pgbouncer
@@ -343,6 +344,100 @@ def test_a_revision_this_code_does_not_know_is_left_alone(
     assert "revision 9999, which this release does not know" in caplog.text
 
 
+# -- 0002: users.email_key ----------------------------------------------------------------
+
+
+def users_at_baseline(database_url: str, emails: list[str]) -> list[str]:
+    """A database at revision 0001 holding one user per email; their uids, in order."""
+    alembic(database_url, "upgrade", "0001")
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    rows = [
+        {
+            "uid": uuid.uuid4(),
+            "username": f"user{n}",
+            "email": email,
+            "first_name": "Ada",
+            "last_name": "Lovelace",
+            "role": "user",
+            "is_verified": False,
+            "verified_at": None,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for n, email in enumerate(emails)
+    ]
+    users = baseline_metadata().tables["users"]
+    on(database_url, lambda connection: connection.execute(users.insert(), rows))
+    return [str(row["uid"]) for row in rows]
+
+
+def email_keys(database_url: str) -> dict[str, str]:
+    return on(
+        database_url,
+        lambda connection: {
+            email: key
+            for email, key in connection.execute(text("SELECT email, email_key FROM users"))
+        },
+    )
+
+
+def test_0002_backfills_every_users_email_key_and_keeps_the_rows(database_url: str) -> None:
+    users_at_baseline(database_url, ["ÉMILE@x.org", "STRASSE@x.org", "Ada@example.com"])
+    before = rows_of(database_url)
+
+    migrate(database_url)
+
+    assert revisions(database_url) == [HEAD]
+    assert rows_of(database_url) == before  # updated_at (so every ETag) included
+    keys = email_keys(database_url)
+    assert keys == {email: email_key(email) for email in keys}  # the revision's rule is today's
+    assert sorted(keys.values()) == ["ada@example.com", "strasse@x.org", "émile@x.org"]
+    with TestClient(create_app(make_settings(database_url))) as client:
+        taken = [
+            client.post("/users", json=user_body(email=email)).status_code
+            for email in ("émile@x.org", "straße@x.org")
+        ]
+    assert taken == [409, 409]
+
+
+def test_0002_downgrades_with_every_row_and_the_old_index(database_url: str) -> None:
+    users_at_baseline(database_url, ["ÉMILE@x.org", "STRASSE@x.org"])
+    before = rows_of(database_url)
+    migrate(database_url)
+
+    alembic(database_url, "downgrade", "0001")
+
+    assert rows_of(database_url) == before
+    assert drift(database_url, baseline_metadata()) == []  # uq_users_email_lower still there
+
+
+def test_0002_refuses_existing_users_whose_emails_fold_together(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Which of them keeps the email is not for a migration to guess: the release
+    ends with one line naming the users (not their emails), and nothing changes."""
+    # Pairs that lower(email) lets in on both backends (PostgreSQL folds É in UTF-8).
+    uids = users_at_baseline(
+        database_url,
+        ["\uff21\uff24\uff21@x.org", "ada@x.org", "STRASSE@x.org", "straße@x.org", "émile@x.org"],
+    )
+    before = rows_of(database_url)
+
+    ended = run_procfile("release", database_url, tmp_path)
+
+    errors = [line for line in ended.stderr.splitlines() if " ERROR " in line]
+    assert ended.returncode == 1
+    assert len(errors) == 1, ended.stderr
+    assert "2 set(s) of existing users share an email" in errors[0]
+    assert all(uid in errors[0] for uid in uids[:4])
+    assert uids[4] not in errors[0]
+    assert "@x.org" not in ended.stderr
+    assert "Traceback" not in ended.stderr
+    assert revisions(database_url) == ["0001"]
+    assert rows_of(database_url) == before
+    assert drift(database_url, baseline_metadata()) == []  # no column, no index added
+
+
 # -- models and migrations agree ------------------------------------------------------
 
 
@@ -425,7 +520,11 @@ def test_no_revision_leaves_its_downgrade_empty() -> None:
             for node in tree.body
             if isinstance(node, ast.FunctionDef) and node.name == "downgrade"
         )
-        body = [node for node in downgrade.body if not isinstance(node, ast.Expr)]
+        body = [
+            node
+            for node in downgrade.body
+            if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+        ]  # a docstring or a bare `...` is no downgrade; a call such as op.drop_column is
         assert body and not all(isinstance(node, ast.Pass) for node in body), script.path
 
 
