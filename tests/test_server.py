@@ -130,8 +130,8 @@ def test_a_commit_that_fails_is_an_error_not_a_201(postgres_url: str, tmp_path: 
         asyncio.run(
             execute(
                 postgres_url,
-                "DROP INDEX uq_users_email_lower;"
-                "ALTER TABLE users ADD CONSTRAINT uq_users_email_lower UNIQUE (email)"
+                "DROP INDEX uq_users_email_lower; DROP INDEX uq_users_email_key;"
+                "ALTER TABLE users ADD CONSTRAINT uq_users_email_key UNIQUE (email_key)"
                 " DEFERRABLE INITIALLY DEFERRED",
             )
         )
