@@ -159,10 +159,19 @@ def wait_until_live(service: ServiceProcess, *, timeout: float = 20) -> None:
 
 @contextmanager
 def running_service(
-    env: dict[str, str], *, command: str | None = None, tmp_path: Path, wait: bool = True
+    env: dict[str, str],
+    *,
+    command: str | None = None,
+    tmp_path: Path,
+    wait: bool = True,
+    cwd: Path | None = None,
+    bin_dir: Path | None = None,
 ) -> Iterator[ServiceProcess]:
     """Start the service as a real process (by default the Procfile's web command)
-    on a free port, and stop it with SIGTERM at the end."""
+    on a free port, and stop it with SIGTERM at the end.
+
+    It runs in `cwd` (default `tmp_path`, which also holds its log) with `bin_dir`
+    (default this interpreter's) first on PATH, as an activated virtualenv would be."""
     port = free_port()
     command = command or procfile_command("web")
     log_path = tmp_path / f"service-{port}.log"
@@ -170,8 +179,8 @@ def running_service(
         process = subprocess.Popen(
             command,
             shell=True,  # a Procfile line is a shell command
-            cwd=tmp_path,
-            env={**os.environ, **env, "PORT": str(port), "PATH": _path_with_venv()},
+            cwd=cwd or tmp_path,
+            env={**os.environ, **env, "PORT": str(port), "PATH": path_with(bin_dir)},
             stdout=log,
             stderr=subprocess.STDOUT,
             text=True,
@@ -195,13 +204,15 @@ def running_service(
         wait_until(lambda: not service.is_running(), timeout=30, what="the service exits")
 
 
-def _path_with_venv() -> str:
-    """Put this interpreter first, so `python` in a Procfile line is the one under test."""
-    return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+def path_with(bin_dir: Path | None = None) -> str:
+    """PATH with `bin_dir` (default this interpreter's) first, so `python` in a Procfile
+    line is the one under test."""
+    first = bin_dir or Path(sys.executable).parent
+    return f"{first}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-def procfile_command(process_type: str) -> str:
-    for line in (REPO / "Procfile").read_text().splitlines():
+def procfile_command(process_type: str, *, root: Path = REPO) -> str:
+    for line in (root / "Procfile").read_text().splitlines():
         name, _, command = line.partition(":")
         if name.strip() == process_type:
             return command.strip()
