@@ -38,7 +38,7 @@ from schemathesis.schemas import BaseSchema
 from tests.factories import user_body
 from tests.support import running_service
 
-pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.postgres, pytest.mark.process, pytest.mark.timeout(180)]
 
 API_KEY = "fuzz-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -28,7 +28,7 @@ import pytest
 from tests.factories import user_body
 from tests.support import encode_cursor, running_service
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.process]
 
 WORKERS, POOL_SIZE, MAX_OVERFLOW = 2, 3, 2
 CONNECTION_BUDGET = WORKERS * (POOL_SIZE + MAX_OVERFLOW)

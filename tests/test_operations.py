@@ -36,6 +36,8 @@ from tests.support import (
     wait_until_live,
 )
 
+pytestmark = pytest.mark.process
+
 PASSWORD = "s3cret-Pa55word"  # trust auth ignores it; it must never be printed
 
 

@@ -24,7 +24,7 @@ from tests.support import (
     wait_until_live,
 )
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.process]
 
 POOL_SIZE = 5
 ROUNDS = 40  # of 9 requests each: 360 requests

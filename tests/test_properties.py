@@ -101,6 +101,7 @@ def base_url(database_url: str, tmp_path: Path) -> Iterator[str]:
         yield service.base_url
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("kind", ["users", "messages"])
 def test_walking_pages_while_rows_are_added_sees_every_row_once(base_url: str, kind: str) -> None:
     """Keyset cursors: no duplicates, no misses of rows that existed before the walk,

@@ -25,6 +25,8 @@ from tests.support import (
     wait_until,
 )
 
+pytestmark = pytest.mark.process
+
 
 def test_procfile_web_serves_on_the_embedded_default(tmp_path: Path) -> None:
     """No DATABASE_URL at all: the SQLite default, created in the working directory."""
