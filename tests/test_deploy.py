@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 
@@ -244,7 +245,9 @@ def test_a_clean_clone_builds_releases_serves_and_stops_as_on_the_platform(
         schema_after_release = asyncio.run(fetch_value(url, "SELECT to_regclass('users')::text"))
         with running_service(
             platform,
-            command=procfile_command("web", root=app),
+            # exec: the exit status is the server's, not the shell's (dash keeps itself
+            # as the parent of a lone command).
+            command=f"exec {procfile_command('web', root=app)}",
             tmp_path=tmp_path,
             cwd=app,
             bin_dir=bin_dir,
@@ -254,6 +257,8 @@ def test_a_clean_clone_builds_releases_serves_and_stops_as_on_the_platform(
             read = httpx.get(f"{service.base_url}{created.headers.get('location')}", timeout=10)
             service.terminate()
             exit_code = service.process.wait(timeout=30)
+            while service.is_running():  # the workers, after the parent
+                time.sleep(0.05)
         log = service.log()
 
     assert not installed & test_tools, "the platform installs runtime dependencies only"
