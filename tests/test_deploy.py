@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -38,9 +39,14 @@ from tests.support import (
 )
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-# The one command that rewrites requirements.txt from pyproject.toml (its options live
-# in [tool.uv.pip]); it is also the header of the file it writes.
-COMPILE_COMMAND = PYPROJECT["tool"]["uv"]["pip"]["custom-compile-command"]
+# The one command that rewrites requirements.txt from pyproject.toml: runtime dependencies
+# only, pinned with hashes, one resolution for every Python from 3.11 on. Its options stay
+# on the command line: in [tool.uv.pip] they would steer `uv pip install` too (to 3.11's
+# wheels on any Python).
+COMPILE_COMMAND = (
+    "uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes"
+    " -o requirements.txt"
+)
 # Every file the buildpack takes as a package manager's; it refuses a build with two.
 PACKAGE_MANAGER_FILES = ("requirements.txt", "Pipfile", "Pipfile.lock", "poetry.lock", "uv.lock")
 IN_CI = bool(os.environ.get("CI"))
@@ -113,6 +119,8 @@ def test_the_platform_finds_one_package_manager_file_and_a_python_we_test() -> N
     deployed = (REPO / ".python-version").read_text().strip()
 
     assert found == ["requirements.txt"]
+    assert f"#    {COMPILE_COMMAND}\n" in (REPO / "requirements.txt").read_text()
+    assert f".venv/bin/{COMPILE_COMMAND}\n" in (REPO / "README.md").read_text()
     assert re.fullmatch(r"3\.\d+", deployed), "the buildpack wants 3.N (or 3.N.N)"
     assert SpecifierSet(PYPROJECT["project"]["requires-python"]).contains(f"{deployed}.0")
 
@@ -145,9 +153,9 @@ def test_requirements_txt_matches_pyproject(tmp_path: Path) -> None:
     shutil.copy(committed, regenerated)
 
     def compile_requirements(*options: str) -> subprocess.CompletedProcess[str]:
-        command = [find_uv_bin(), "pip", "compile", "pyproject.toml", "-o", str(regenerated)]
+        into = COMPILE_COMMAND.removeprefix("uv ").removesuffix("requirements.txt")
         return subprocess.run(
-            [*command, "--quiet", *options],
+            [find_uv_bin(), *shlex.split(into), str(regenerated), "--quiet", *options],
             cwd=REPO,
             capture_output=True,
             text=True,
