@@ -19,6 +19,7 @@ import subprocess
 import time
 import tomllib
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import pytest
@@ -54,7 +55,7 @@ IN_CI = bool(os.environ.get("CI"))
 pytestmark = pytest.mark.deploy
 
 
-def skip_unless_in_ci(reason: str) -> None:
+def skip_unless_in_ci(reason: str) -> NoReturn:
     """A missing prerequisite skips on a developer's machine and fails in CI."""
     if IN_CI:
         pytest.fail(f"{reason} (CI is set, so this is not skipped)", pytrace=False)
