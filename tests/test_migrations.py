@@ -291,6 +291,7 @@ def test_a_pre_migration_database_that_differs_is_refused(database_url: str) -> 
     assert revisions(database_url) == []  # nothing stamped, nothing guessed
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("process_type", ["release", "web"])
 def test_the_refusal_ends_startup_with_one_line(
     database_url: str, tmp_path: Path, process_type: str
@@ -639,6 +640,7 @@ def wait_for_workers(log: Callable[[], str], workers: int, *, timeout: float = 6
         time.sleep(0.1)
 
 
+@pytest.mark.process
 def test_release_racing_four_workers_migrates_once(database_url: str, tmp_path: Path) -> None:
     env = {"DATABASE_URL": database_url, "WEB_CONCURRENCY": "4"}
     with running_service(env, tmp_path=tmp_path, wait=False) as web:
@@ -654,6 +656,7 @@ def test_release_racing_four_workers_migrates_once(database_url: str, tmp_path: 
     assert revisions(database_url) == [HEAD]
 
 
+@pytest.mark.process
 @pytest.mark.timeout(600)  # 10 starts of 5 processes each, on a shared machine
 def test_four_workers_on_a_fresh_sqlite_file_start_every_time(tmp_path: Path) -> None:
     """The embedded default, as a new user starts it: every one of 10 starts serves."""
@@ -699,6 +702,7 @@ def test_a_lock_wait_that_times_out_is_retried_within_the_startup_deadline(
     assert revisions(postgres_url) == [HEAD]
 
 
+@pytest.mark.process
 @pytest.mark.postgres
 def test_migrations_work_behind_pgbouncer_in_transaction_mode(
     postgres_url: str, caplog: pytest.LogCaptureFixture

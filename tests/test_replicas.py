@@ -111,6 +111,7 @@ def resume_replay(databases: Databases) -> None:
     asyncio.run(execute(databases.replica, "SELECT pg_wal_replay_resume()"))
 
 
+@pytest.mark.process
 def test_a_client_reads_its_own_writes_while_others_read_the_replica(
     service_with_replica: ServiceProcess, databases: Databases
 ) -> None:
@@ -149,6 +150,7 @@ def test_a_client_reads_its_own_writes_while_others_read_the_replica(
     assert reread.json()["username"] == "after"
 
 
+@pytest.mark.process
 def test_reads_without_a_write_get_no_token_and_go_to_the_replica(
     service_with_replica: ServiceProcess, databases: Databases
 ) -> None:
@@ -190,6 +192,7 @@ def reads_in_a_loop(base: str, uid: str, stop: threading.Event) -> list[int]:
     return statuses
 
 
+@pytest.mark.process
 def test_a_replica_that_dies_costs_no_request_and_gets_reads_back_when_up(
     service_with_replica: ServiceProcess, databases: Databases, cluster: Cluster
 ) -> None:
@@ -223,6 +226,7 @@ def test_a_replica_that_dies_costs_no_request_and_gets_reads_back_when_up(
     assert served_by_replica.status_code == 404  # reads went back to the paused replica
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("service_with_replica", [2000], indirect=True)
 def test_a_replica_behind_the_bound_gets_no_reads_until_it_catches_up(
     service_with_replica: ServiceProcess, databases: Databases
@@ -249,6 +253,7 @@ def test_a_replica_behind_the_bound_gets_no_reads_until_it_catches_up(
     assert caught_up["lag_ms"] == 0
 
 
+@pytest.mark.process
 def test_dead_pooled_connections_on_the_replica_cost_no_request(
     service_with_replica: ServiceProcess, databases: Databases
 ) -> None:
