@@ -64,6 +64,7 @@ def get_live(base_url: str) -> tuple[httpx.Response, float]:
     return response, time.monotonic() - started
 
 
+@pytest.mark.process
 @pytest.mark.postgres
 @pytest.mark.parametrize("mode", [Mode.REFUSE, Mode.SILENT])
 def test_while_the_database_is_down_liveness_passes_and_readiness_fails(
