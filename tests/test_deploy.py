@@ -16,7 +16,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import time
 import tomllib
 from pathlib import Path
 from typing import NoReturn
@@ -266,8 +265,6 @@ def test_a_clean_clone_builds_releases_serves_and_stops_as_on_the_platform(
             read = httpx.get(f"{service.base_url}{created.headers.get('location')}", timeout=10)
             service.terminate()
             exit_code = service.process.wait(timeout=30)
-            while service.is_running():  # the workers, after the parent
-                time.sleep(0.05)
         log = service.log()
 
     assert not installed & test_tools, "the platform installs runtime dependencies only"
