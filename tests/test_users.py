@@ -67,6 +67,7 @@ FOLDED_TWINS = [
 ]
 
 
+@pytest.mark.process
 def test_emails_equal_after_unicode_case_folding_are_one_user(
     database_url: str, tmp_path: Path
 ) -> None:
