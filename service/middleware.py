@@ -44,6 +44,13 @@ def is_open_path(path: str) -> bool:
     return path == "/health" or path.startswith("/health/")
 
 
+def raw_path(scope: Scope) -> str:
+    """The path as the client sent it, still percent-encoded: a decoded `%0A` would
+    start a new line in the log (the formatter escapes what is left)."""
+    raw = scope.get("raw_path")
+    return raw.decode("latin-1") if raw else scope["path"]
+
+
 def with_state(scope: Scope, **values: object) -> Scope:
     """A copy of the scope whose `state` adds `values`; the lifespan's dict is shared."""
     return {**scope, "state": {**scope.get("state", {}), **values}}
@@ -85,13 +92,13 @@ class RequestContextMiddleware:
         except Exception:
             if status is not None:
                 raise  # the response is half sent; let the server cut the connection
-            logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            logger.exception("unhandled error in %s %s", scope["method"], raw_path(scope))
             await internal_error_response(request_id)(scope, receive, send_with_request_id)
         finally:
             access_logger.info(
                 "%s %s %s %.1fms",
                 scope["method"],
-                scope["path"],
+                raw_path(scope),
                 status or "-",
                 (time.perf_counter() - started_at) * 1000,
             )
