@@ -27,6 +27,9 @@ from sqlalchemy.orm.exc import StaleDataError
 
 RowT = TypeVar("RowT")
 RETRY_AFTER_SECONDS = 5
+# A 422 lists at most this many errors, and counts the rest: a body of 95,000
+# unknown fields must not cost a 6 MB answer.
+MAX_LISTED_ERRORS = 50
 # sqlstates that mean "try again later": connection lost, server shutting
 # down or overloaded, query cancelled by statement_timeout.
 _TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57")
@@ -100,15 +103,20 @@ class UnsupportedMediaType(ServiceError):
 class ValidationFailed(ServiceError):
     status = 422
 
-    def __init__(self, errors: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, errors: Sequence[Mapping[str, Any]], *, omitted: int = 0) -> None:
+        """`omitted`: errors found but not passed in, counted with those past the cap."""
         super().__init__("the request is not valid; see errors")
-        self.errors = [{"loc": list(e["loc"]), "msg": str(e["msg"])} for e in errors]
+        listed = errors[:MAX_LISTED_ERRORS]
+        self.errors = [{"loc": list(e["loc"]), "msg": str(e["msg"])} for e in listed]
+        self.omitted = len(errors) - len(listed) + omitted
 
     @classmethod
     def single(cls, loc: Sequence[str | int], msg: str) -> ValidationFailed:
         return cls([{"loc": loc, "msg": msg}])
 
     def extra(self) -> dict[str, Any]:
+        if self.omitted:
+            return {"errors": self.errors, "errors_omitted": self.omitted}
         return {"errors": self.errors}
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import TypeVar
+from itertools import islice
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from service.errors import (
+    MAX_LISTED_ERRORS,
     BadRequest,
     PayloadTooLarge,
     PreconditionFailed,
@@ -17,6 +19,7 @@ from service.errors import (
 )
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+UNKNOWN_FIELD = "Extra inputs are not permitted"  # pydantic's own words for extra="forbid"
 
 
 def _is_json(content_type: str) -> bool:
@@ -55,12 +58,20 @@ async def read_body(request: Request, model: type[ModelT]) -> ModelT:
         raise BadRequest("the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
+    # Unknown fields are found here, by one set difference, and only the first few
+    # become error objects: pydantic would build one for each of thousands.
+    known = model.model_fields.keys()
+    unknown = data.keys() - known
     try:
-        return model.model_validate(data)
+        if not unknown:
+            return model.model_validate(data)
+        model.model_validate({name: data[name] for name in known if name in data})
+        errors: list[dict[str, Any]] = []
     except ValidationError as exc:
-        raise ValidationFailed(
-            [{"loc": ["body", *error["loc"]], "msg": error["msg"]} for error in exc.errors()]
-        ) from None
+        errors = [{"loc": ["body", *error["loc"]], "msg": error["msg"]} for error in exc.errors()]
+    listed = list(islice((name for name in data if name in unknown), MAX_LISTED_ERRORS))
+    errors += ({"loc": ["body", name], "msg": UNKNOWN_FIELD} for name in listed)
+    raise ValidationFailed(errors, omitted=len(unknown) - len(listed))
 
 
 def check_if_match(request: Request, current_etag: str) -> None:
