@@ -127,7 +127,7 @@ class ServiceUnavailable(ServiceError):
         super().__init__(detail, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
-def _sqlstate(error: BaseException) -> str | None:
+def sqlstate_of(error: BaseException) -> str | None:
     """The SQLSTATE of a driver error wrapped by SQLAlchemy, when the driver gives one."""
     orig = getattr(error, "orig", None)
     for candidate in (orig, getattr(orig, "__cause__", None)):
@@ -144,7 +144,7 @@ def _sqlite_error_name(error: BaseException) -> str:
 
 def is_foreign_key_violation(error: sa_exc.IntegrityError) -> bool:
     return (
-        _sqlstate(error) == _FOREIGN_KEY_VIOLATION
+        sqlstate_of(error) == _FOREIGN_KEY_VIOLATION
         or _sqlite_error_name(error) == "SQLITE_CONSTRAINT_FOREIGNKEY"
     )
 
@@ -165,7 +165,7 @@ def from_database_error(error: BaseException) -> ServiceError | None:
         if is_foreign_key_violation(error):
             return NotFound("the resource this refers to does not exist")
         unique = _unique_field(error)
-        if unique is not None or _sqlstate(error) == _UNIQUE_VIOLATION:
+        if unique is not None or sqlstate_of(error) == _UNIQUE_VIOLATION:
             return Conflict(unique[1] if unique else "this would duplicate an existing resource")
         return None
     if isinstance(error, StaleDataError):
@@ -173,7 +173,7 @@ def from_database_error(error: BaseException) -> ServiceError | None:
     if isinstance(error, UNREACHABLE):
         return ServiceUnavailable("the database did not answer in time; retry later")
     if isinstance(error, sa_exc.DBAPIError):
-        sqlstate = _sqlstate(error) or ""
+        sqlstate = sqlstate_of(error) or ""
         if (
             error.connection_invalidated
             or isinstance(error, sa_exc.InterfaceError)

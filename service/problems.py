@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service.errors import UNREACHABLE, ServiceError, from_database_error
+from service.errors import UNREACHABLE, ServiceError, from_database_error, sqlstate_of
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,11 @@ async def handle_database_error(request: Request, exc: Exception) -> Response:
     if error is None:
         raise exc
     if error.status >= 500:
-        logger.warning("database unavailable: %s", type(exc).__name__)
+        # The SQLSTATE tells an operator which fault it was (57014 a statement
+        # timeout, 53300 too many connections, 08006 a lost connection...).
+        logger.warning(
+            "database unavailable: %s (SQLSTATE %s)", type(exc).__name__, sqlstate_of(exc) or "none"
+        )
     return render_service_error(error, _request_id(request))
 
 

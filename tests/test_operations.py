@@ -25,6 +25,7 @@ from tests.support import (
     POSTGRES_ADMIN_URL,
     REPO,
     ServiceProcess,
+    execute,
     fetch_value,
     free_port,
     locked_table,
@@ -385,6 +386,43 @@ def test_log_level_is_the_lowest_level_written(level: str, tmp_path: Path) -> No
     has_access_line = any("service.access" in line and "GET /users 200" in line for line in lines)
     assert has_access_line is (level == "info")
     assert any("API_KEYS is not set" in line for line in lines) is (level != "error")
+
+
+@pytest.mark.postgres
+def test_logs_hold_no_sql_parameters_and_name_the_sqlstate_of_a_503(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A 500's traceback must not carry the bound values (emails, prompts); a 503's
+    line says which fault it was."""
+    email = "private-person@example.com"
+    refuse_inserts = """
+        CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql
+            AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION refuse();
+    """
+
+    async def read_while_locked(base_url: str) -> httpx.Response:
+        locker = await asyncpg.connect(plain_dsn(postgres_url))
+        try:
+            async with locker.transaction():
+                await locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+                async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+                    return await client.get("/users")
+        finally:
+            await locker.close()
+
+    env = {"DATABASE_URL": postgres_url, "DB_STATEMENT_TIMEOUT_MS": "300"}
+    with running_service(env, tmp_path=tmp_path) as service:
+        asyncio.run(execute(postgres_url, refuse_inserts))
+        failed = httpx.post(f"{service.base_url}/users", json=user_body(email=email))
+        timed_out = asyncio.run(read_while_locked(service.base_url))
+    log = service.log()
+
+    assert failed.status_code == 500
+    assert "Traceback" in log  # the operator still gets the error itself...
+    assert email not in log  # ...without the values bound to it
+    assert timed_out.status_code == 503
+    assert "database unavailable: DBAPIError (SQLSTATE 57014)" in log
 
 
 # -- a platform's view -------------------------------------------------------------

@@ -90,6 +90,9 @@ def create_engine(settings: Settings, *, url: URL | None = None) -> AsyncEngine:
         pool_timeout=settings.db_pool_timeout,
         poolclass=FairAsyncQueuePool,
         connect_args=connect_args,
+        # Bound values are emails and prompts: never render them into an exception
+        # message, and so never into a log line or traceback.
+        hide_parameters=True,
     )
     if settings.is_postgres:
         event.listen(engine.sync_engine, "checkout", _refuse_closed_connection)
