@@ -203,6 +203,7 @@ def test_database_outage_is_503_and_recovers_without_restart(
     assert down_read.status_code == 503
     assert down_read.headers["retry-after"].isdigit()
     assert down_health.status_code == 503
+    assert down_health.headers["retry-after"].isdigit()
     assert down_health.json()["status"] == "fail"
     assert after == [200] * 10  # no pooled connection stayed broken
 
