@@ -4,7 +4,7 @@
     ├── BadRequest                400  body is not JSON, or not a JSON object
     ├── Unauthorized              401  missing or unknown bearer token
     ├── NotFound                  404  unknown route or id
-    ├── Conflict                  409  unique constraint, or a concurrent change
+    ├── Conflict                  409  unique constraint, a concurrent change, or a deadlock
     ├── PreconditionFailed        412  If-Match does not match
     ├── PayloadTooLarge           413  body over MAX_BODY_BYTES
     ├── UnsupportedMediaType      415  body is not application/json
@@ -35,6 +35,10 @@ MAX_LISTED_ERRORS = 50
 _TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57")
 # What drivers raise, unwrapped, when the server cannot be reached or stops answering.
 UNREACHABLE = (ConnectionError, TimeoutError, socket.gaierror)
+# Class 40, "transaction rollback": a deadlock victim (40P01), a serialization
+# failure (40001). The transaction changed nothing; running it again may succeed.
+_TRANSACTION_ROLLBACK_CLASS = "40"
+CONFLICT_RETRY_AFTER_SECONDS = 1
 _UNIQUE_VIOLATION = "23505"
 _FOREIGN_KEY_VIOLATION = "23503"
 _EMAIL_TAKEN = ("email", "a user with this email already exists")
@@ -149,6 +153,11 @@ def is_foreign_key_violation(error: sa_exc.IntegrityError) -> bool:
     )
 
 
+def is_transaction_conflict(error: BaseException) -> bool:
+    """PostgreSQL aborted the transaction to resolve a conflict with another."""
+    return (sqlstate_of(error) or "").startswith(_TRANSACTION_ROLLBACK_CLASS)
+
+
 def _unique_field(error: sa_exc.IntegrityError) -> tuple[str, str] | None:
     text = str(error.orig)
     for index_name, field in UNIQUE_FIELDS.items():
@@ -170,6 +179,12 @@ def from_database_error(error: BaseException) -> ServiceError | None:
         return None
     if isinstance(error, StaleDataError):
         return Conflict("the resource changed while this request updated it; retry")
+    if is_transaction_conflict(error):
+        return Conflict(
+            "the database aborted this request to resolve a conflict with another "
+            "(a deadlock or serialization failure), also when it was run again; retry",
+            headers={"Retry-After": str(CONFLICT_RETRY_AFTER_SECONDS)},
+        )
     if isinstance(error, UNREACHABLE):
         return ServiceUnavailable("the database did not answer in time; retry later")
     if isinstance(error, sa_exc.DBAPIError):
