@@ -157,10 +157,14 @@ async def _release(session: AsyncSession, *, failed: bool) -> None:
 class DBSessionMiddleware:
     """Gives each HTTP request its own AsyncSession at `request.state.db`.
 
-    The session is closed after the response has been sent, also when the
-    handler raises or the client goes away; closing rolls back whatever the
-    handler did not commit and returns the connection to the pool. The close
-    is shielded so a cancelled request cannot leak its connection.
+    The session is closed when the response starts, before a byte of the body
+    goes out: handlers commit before they build their response, so by then the
+    database work is done, and a client that reads slowly (or never) must not
+    hold a pooled connection while the server waits to send it the body. It is
+    closed again after the response, also when the handler raises or the client
+    goes away (a streamed body may have used it again). Closing rolls back
+    whatever the handler did not commit and returns the connection to the pool;
+    it is shielded so a cancelled request cannot leak its connection.
 
     GET and HEAD never write, so their session runs in autocommit: no
     BEGIN/ROLLBACK round trips, and a flush is refused (`ReadOnlySession`).
@@ -220,8 +224,17 @@ class DBSessionMiddleware:
 
     async def _run(self, scope: Scope, receive: Receive, send: Send, state: RequestState) -> None:
         failed = False
+
+        async def send_after_release(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                session = state.get("db")
+                if session is not None:
+                    with anyio.CancelScope(shield=True):
+                        await session.close()
+            await send(message)
+
         try:
-            await self.app({**scope, "state": state}, receive, send)
+            await self.app({**scope, "state": state}, receive, send_after_release)
         except BaseException:
             failed = True
             raise
