@@ -334,6 +334,40 @@ def test_the_procfile_web_command_exits_inside_30_s_with_a_stuck_request(
     assert took < PLATFORM_KILL_SECONDS - 2
 
 
+@pytest.mark.postgres
+def test_sigterm_with_a_silent_database_ends_well_inside_30_s(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A warm pool, then the database drops every packet: closing each connection
+    politely would wait out the 16 s command timeout, one after another."""
+
+    async def warm_up(base_url: str) -> None:
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            await asyncio.gather(*(client.get("/users") for _ in range(40)))
+
+    with TcpProxy.running("127.0.0.1", 5432) as proxy:
+        env = {"DATABASE_URL": through(proxy, postgres_url)}
+        with running_service(env, tmp_path=tmp_path) as service:
+            asyncio.run(warm_up(service.base_url))
+            warm = asyncio.run(
+                fetch_value(
+                    postgres_url,
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                )
+            )
+            proxy.set_mode(Mode.SILENT)
+            started = time.monotonic()
+            service.terminate()
+            while service.is_running() and time.monotonic() - started < 60:
+                time.sleep(0.05)
+            took = time.monotonic() - started
+
+    assert warm >= 3  # type: ignore[operator]
+    assert took < 12, service.log()  # 5 s of polite closing at most, then dropped
+    assert "dropped the" in service.log()
+
+
 # -- secrets and logs ------------------------------------------------------------
 
 
