@@ -60,11 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("init_db done on %s", settings.safe_database_url)
         return 0
     try:
-        serve(settings, graceful_shutdown_seconds=args.graceful_timeout)
+        return serve(settings, graceful_shutdown_seconds=args.graceful_timeout)
     except OSError as exc:
         logger.error("PORT: cannot listen on 0.0.0.0:%d: %s", settings.port, exc.strerror)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlmodel import SQLModel
 
+from service.db.schema import INIT_DB_LOCK_KEY
 from tests.factories import user_body
 from tests.proxy import Mode, in_front_of
 from tests.support import (
@@ -152,6 +154,82 @@ def test_four_workers_start_together_on_an_empty_database(
     assert created.status_code == 201
     assert "Traceback" not in service.log()
     assert count_tables(postgres_url) == len(SQLModel.metadata.tables) + 1  # + alembic_version
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_init_db_that_fails_ends_startup_with_one_line_and_non_zero(
+    postgres_url: str, tmp_path: Path, workers: str
+) -> None:
+    """A role that may not create tables: the database answers, init_db cannot work."""
+    role = f"svc_reader_{uuid.uuid4().hex[:8]}"
+    asyncio.run(execute(POSTGRES_ADMIN_URL, f'CREATE ROLE "{role}" LOGIN'))
+    try:
+        url = make_url(postgres_url).set(username=role).render_as_string(False)
+        started = time.monotonic()
+        result = subprocess.run(
+            procfile_command("web"),
+            shell=True,
+            cwd=tmp_path,
+            env={
+                **os.environ,
+                "DATABASE_URL": url,
+                "WEB_CONCURRENCY": workers,
+                "PORT": str(free_port()),
+                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        took = time.monotonic() - started
+    finally:
+        asyncio.run(execute(POSTGRES_ADMIN_URL, f'DROP ROLE "{role}"'))
+
+    output = result.stdout + result.stderr
+    causes = {line.split("] ", 1)[1] for line in output.splitlines() if "init_db failed" in line}
+    assert result.returncode != 0, output
+    assert len(causes) == 1, output  # one line (from each worker that got that far)
+    assert "permission denied for schema public" in causes.pop()
+    assert "Traceback" not in output
+    assert took < 20  # a refusal is not retried
+
+
+HOLD_INIT_LOCK = f"""
+import asyncio, sys, asyncpg
+async def main():
+    connection = await asyncpg.connect(sys.argv[1])
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock({INIT_DB_LOCK_KEY})")
+        await asyncio.sleep(3)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.postgres
+def test_init_db_retries_a_transient_failure_within_the_startup_deadline(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """init_db waits on its advisory lock, held elsewhere for 3 s, and its statement
+    times out after 1 s (SQLSTATE 57014, transient): retried, then the service starts."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_INIT_LOCK, plain_dsn(postgres_url)])
+    try:
+        lock_held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        while asyncio.run(fetch_value(postgres_url, lock_held)) == 0:
+            assert holder.poll() is None
+            time.sleep(0.05)
+        env = {"DATABASE_URL": postgres_url, "DB_STATEMENT_TIMEOUT_MS": "1000"}
+        with running_service(env, tmp_path=tmp_path) as service:
+            created = httpx.post(f"{service.base_url}/users", json=user_body())
+    finally:
+        holder.wait(timeout=30)
+
+    assert created.status_code == 201
+    assert "(QueryCanceledError: canceling statement due to statement timeout); retrying" in (
+        service.log()
+    )
+    assert "Traceback" not in service.log()
 
 
 @pytest.mark.postgres
