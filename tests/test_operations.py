@@ -215,7 +215,11 @@ def test_init_db_retries_a_transient_failure_within_the_startup_deadline(
     times out after 1 s (SQLSTATE 57014, transient): retried, then the service starts."""
     holder = subprocess.Popen([sys.executable, "-c", HOLD_INIT_LOCK, plain_dsn(postgres_url)])
     try:
-        lock_held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        lock_held = (
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+            f" WHERE l.locktype = 'advisory' AND l.objid = {INIT_DB_LOCK_KEY} AND l.granted"
+            " AND d.datname = current_database()"
+        )
         while asyncio.run(fetch_value(postgres_url, lock_held)) == 0:
             assert holder.poll() is None
             time.sleep(0.05)
