@@ -202,7 +202,8 @@ async def main():
     connection = await asyncpg.connect(sys.argv[1])
     async with connection.transaction():
         await connection.execute("SELECT pg_advisory_xact_lock({INIT_DB_LOCK_KEY})")
-        await asyncio.sleep(3)
+        print("locked", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
 asyncio.run(main())
 """
 
@@ -211,22 +212,31 @@ asyncio.run(main())
 def test_init_db_retries_a_transient_failure_within_the_startup_deadline(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    """init_db waits on its advisory lock, held elsewhere for 3 s, and its statement
-    times out after 1 s (SQLSTATE 57014, transient): retried, then the service starts."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_INIT_LOCK, plain_dsn(postgres_url)])
+    """init_db waits on its advisory lock, held elsewhere, and its statement times
+    out after 1 s (SQLSTATE 57014, transient): retried until the lock is let go,
+    then the service starts."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_INIT_LOCK, plain_dsn(postgres_url)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
     try:
-        lock_held = (
-            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
-            f" WHERE l.locktype = 'advisory' AND l.objid = {INIT_DB_LOCK_KEY} AND l.granted"
-            " AND d.datname = current_database()"
-        )
-        while asyncio.run(fetch_value(postgres_url, lock_held)) == 0:
-            assert holder.poll() is None
-            time.sleep(0.05)
+        assert holder.stdout.readline() == "locked\n"
         env = {"DATABASE_URL": postgres_url, "DB_STATEMENT_TIMEOUT_MS": "1000"}
-        with running_service(env, tmp_path=tmp_path) as service:
+        with running_service(env, tmp_path=tmp_path, wait=False) as service:
+            deadline = time.monotonic() + 15
+            while "init_db failed (" not in service.log():
+                assert time.monotonic() < deadline, service.log()
+                assert service.process.poll() is None, service.log()
+                time.sleep(0.05)
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            wait_until_live(service)
             created = httpx.post(f"{service.base_url}/users", json=user_body())
     finally:
+        holder.stdin.close()
         holder.wait(timeout=30)
 
     assert created.status_code == 201
