@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 
 from service.config import ConfigError, Settings, load_settings
+from service.db import dispose
 from service.lifespan import StartupError, start
 from service.logs import configure_logging
 from service.server import DEFAULT_GRACEFUL_SHUTDOWN_SECONDS, serve
@@ -22,7 +23,7 @@ async def _check_database(settings: Settings) -> None:
     that stays down, or a migration that fails, ends startup here, even when several
     workers would be forked."""
     engine = await start(settings)
-    await engine.dispose()
+    await dispose(engine)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,11 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("init_db done on %s", settings.safe_database_url)
         return 0
     try:
-        serve(settings, graceful_shutdown_seconds=args.graceful_timeout)
+        return serve(settings, graceful_shutdown_seconds=args.graceful_timeout)
     except OSError as exc:
         logger.error("PORT: cannot listen on 0.0.0.0:%d: %s", settings.port, exc.strerror)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

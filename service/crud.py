@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Row, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from service.errors import ValidationFailed
+from service.errors import ValidationFailed, is_foreign_key_violation
 from service.models import (
     Conversation,
     ConversationCreate,
@@ -51,10 +52,27 @@ async def exists(session: AsyncSession, *, model: type[Entity], uid: uuid.UUID) 
     return found.first() is not None
 
 
-async def lock_row(session: AsyncSession, *, model: type[Entity], uid: uuid.UUID) -> Entity | None:
-    """The ORM object, locked FOR UPDATE until commit, so a PATCH or DELETE checks
-    If-Match against the very version it then changes."""
-    return await session.get(model, uid, with_for_update=True)
+async def _unless_missing(
+    session: AsyncSession, rows: Sequence[Row[Any]], *, parent: type[Entity], uid: uuid.UUID
+) -> Sequence[Row[Any]] | None:
+    """A page of children, or None when their parent does not exist. Rows prove
+    the parent exists, so only an empty page costs the round trip to ask."""
+    if rows or await exists(session, model=parent, uid=uid):
+        return rows
+    return None
+
+
+async def lock_row(
+    session: AsyncSession, *, model: type[Entity], uid: uuid.UUID, deleting: bool = False
+) -> Entity | None:
+    """The ORM object, locked until commit, so a PATCH or DELETE checks If-Match
+    against the very version it then changes.
+
+    A PATCH never changes a key, so it takes FOR NO KEY UPDATE, which lets
+    children be added meanwhile (their foreign key takes FOR KEY SHARE); only a
+    DELETE needs FOR UPDATE.
+    """
+    return await session.get(model, uid, with_for_update={"key_share": not deleting})
 
 
 async def delete_row(session: AsyncSession, row: Entity) -> None:
@@ -103,14 +121,19 @@ async def update_user(session: AsyncSession, user: User, data: UserUpdate) -> No
 async def create_conversation(
     session: AsyncSession, *, user_uid: uuid.UUID, data: ConversationCreate
 ) -> Conversation | None:
-    if not await exists(session, model=User, uid=user_uid):
-        return None
+    """None if the user does not exist: the foreign key says so, with no extra
+    round trip to ask first."""
     now = utc_now()
     conversation = Conversation(
         **data.model_dump(), user_uid=user_uid, created_at=now, updated_at=now
     )
     session.add(conversation)
-    await session.flush()
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        if is_foreign_key_violation(exc):
+            return None
+        raise
     return conversation
 
 
@@ -118,8 +141,6 @@ async def list_conversations(
     session: AsyncSession, *, user_uid: uuid.UUID, page: PageRequest
 ) -> Sequence[Row[Any]] | None:
     """A user's conversations, most recently updated first; None if the user does not exist."""
-    if not await exists(session, model=User, uid=user_uid):
-        return None
     statement = keyset(
         select(Conversation.__table__).where(Conversation.user_uid == user_uid),
         at=Conversation.updated_at,
@@ -127,7 +148,8 @@ async def list_conversations(
         page=page,
         newest_first=True,
     )
-    return (await session.exec(statement)).all()
+    rows = (await session.exec(statement)).all()
+    return await _unless_missing(session, rows, parent=User, uid=user_uid)
 
 
 async def update_conversation(
@@ -144,11 +166,24 @@ async def update_conversation(
 async def create_message(
     session: AsyncSession, *, conversation_uid: uuid.UUID, data: MessageCreate
 ) -> Message | None:
-    """Add a message and bump its conversation's updated_at in the same transaction."""
+    """Add a message and bump its conversation's updated_at in the same transaction.
+
+    Locks are taken in the order a user's DELETE takes them, user before
+    conversation, so the two cannot deadlock: the one statement first holds the
+    owner FOR KEY SHARE (the lock the message's foreign key would take later
+    anyway), then updates the conversation.
+    """
     now = utc_now()
+    owner_row = (
+        select(User.uid)
+        .join(Conversation, Conversation.user_uid == User.uid)
+        .where(Conversation.uid == conversation_uid)
+        .with_for_update(read=True, key_share=True, of=User)
+        .cte("owner")
+    )
     bumped = await session.exec(
         update(Conversation)
-        .where(Conversation.uid == conversation_uid)
+        .where(Conversation.uid == conversation_uid, Conversation.user_uid == owner_row.c.uid)
         .values(updated_at=now)
         .returning(Conversation.user_uid)
         .execution_options(synchronize_session=False)
@@ -172,15 +207,14 @@ async def list_messages(
     session: AsyncSession, *, conversation_uid: uuid.UUID, page: PageRequest
 ) -> Sequence[Row[Any]] | None:
     """A conversation's messages, oldest first; None if the conversation does not exist."""
-    if not await exists(session, model=Conversation, uid=conversation_uid):
-        return None
     statement = keyset(
         select(Message.__table__).where(Message.conversation_uid == conversation_uid),
         at=Message.created_at,
         uid=Message.uid,
         page=page,
     )
-    return (await session.exec(statement)).all()
+    rows = (await session.exec(statement)).all()
+    return await _unless_missing(session, rows, parent=Conversation, uid=conversation_uid)
 
 
 async def update_message(session: AsyncSession, message: Message, data: MessageUpdate) -> None:

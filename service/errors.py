@@ -4,7 +4,7 @@
     ├── BadRequest                400  body is not JSON, or not a JSON object
     ├── Unauthorized              401  missing or unknown bearer token
     ├── NotFound                  404  unknown route or id
-    ├── Conflict                  409  unique constraint, or a concurrent change
+    ├── Conflict                  409  unique constraint, a concurrent change, or a deadlock
     ├── PreconditionFailed        412  If-Match does not match
     ├── PayloadTooLarge           413  body over MAX_BODY_BYTES
     ├── UnsupportedMediaType      415  body is not application/json
@@ -27,11 +27,18 @@ from sqlalchemy.orm.exc import StaleDataError
 
 RowT = TypeVar("RowT")
 RETRY_AFTER_SECONDS = 5
+# A 422 lists at most this many errors, and counts the rest: a body of 95,000
+# unknown fields must not cost a 6 MB answer.
+MAX_LISTED_ERRORS = 50
 # sqlstates that mean "try again later": connection lost, server shutting
 # down or overloaded, query cancelled by statement_timeout.
 _TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57")
 # What drivers raise, unwrapped, when the server cannot be reached or stops answering.
 UNREACHABLE = (ConnectionError, TimeoutError, socket.gaierror)
+# Class 40, "transaction rollback": a deadlock victim (40P01), a serialization
+# failure (40001). The transaction changed nothing; running it again may succeed.
+_TRANSACTION_ROLLBACK_CLASS = "40"
+CONFLICT_RETRY_AFTER_SECONDS = 1
 _UNIQUE_VIOLATION = "23505"
 _FOREIGN_KEY_VIOLATION = "23503"
 _EMAIL_TAKEN = ("email", "a user with this email already exists")
@@ -100,15 +107,20 @@ class UnsupportedMediaType(ServiceError):
 class ValidationFailed(ServiceError):
     status = 422
 
-    def __init__(self, errors: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, errors: Sequence[Mapping[str, Any]], *, omitted: int = 0) -> None:
+        """`omitted`: errors found but not passed in, counted with those past the cap."""
         super().__init__("the request is not valid; see errors")
-        self.errors = [{"loc": list(e["loc"]), "msg": str(e["msg"])} for e in errors]
+        listed = errors[:MAX_LISTED_ERRORS]
+        self.errors = [{"loc": list(e["loc"]), "msg": str(e["msg"])} for e in listed]
+        self.omitted = len(errors) - len(listed) + omitted
 
     @classmethod
     def single(cls, loc: Sequence[str | int], msg: str) -> ValidationFailed:
         return cls([{"loc": loc, "msg": msg}])
 
     def extra(self) -> dict[str, Any]:
+        if self.omitted:
+            return {"errors": self.errors, "errors_omitted": self.omitted}
         return {"errors": self.errors}
 
 
@@ -119,7 +131,7 @@ class ServiceUnavailable(ServiceError):
         super().__init__(detail, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
-def _sqlstate(error: BaseException) -> str | None:
+def sqlstate_of(error: BaseException) -> str | None:
     """The SQLSTATE of a driver error wrapped by SQLAlchemy, when the driver gives one."""
     orig = getattr(error, "orig", None)
     for candidate in (orig, getattr(orig, "__cause__", None)):
@@ -136,9 +148,14 @@ def _sqlite_error_name(error: BaseException) -> str:
 
 def is_foreign_key_violation(error: sa_exc.IntegrityError) -> bool:
     return (
-        _sqlstate(error) == _FOREIGN_KEY_VIOLATION
+        sqlstate_of(error) == _FOREIGN_KEY_VIOLATION
         or _sqlite_error_name(error) == "SQLITE_CONSTRAINT_FOREIGNKEY"
     )
+
+
+def is_transaction_conflict(error: BaseException) -> bool:
+    """PostgreSQL aborted the transaction to resolve a conflict with another."""
+    return (sqlstate_of(error) or "").startswith(_TRANSACTION_ROLLBACK_CLASS)
 
 
 def _unique_field(error: sa_exc.IntegrityError) -> tuple[str, str] | None:
@@ -157,15 +174,21 @@ def from_database_error(error: BaseException) -> ServiceError | None:
         if is_foreign_key_violation(error):
             return NotFound("the resource this refers to does not exist")
         unique = _unique_field(error)
-        if unique is not None or _sqlstate(error) == _UNIQUE_VIOLATION:
+        if unique is not None or sqlstate_of(error) == _UNIQUE_VIOLATION:
             return Conflict(unique[1] if unique else "this would duplicate an existing resource")
         return None
     if isinstance(error, StaleDataError):
         return Conflict("the resource changed while this request updated it; retry")
+    if is_transaction_conflict(error):
+        return Conflict(
+            "the database aborted this request to resolve a conflict with another "
+            "(a deadlock or serialization failure), also when it was run again; retry",
+            headers={"Retry-After": str(CONFLICT_RETRY_AFTER_SECONDS)},
+        )
     if isinstance(error, UNREACHABLE):
         return ServiceUnavailable("the database did not answer in time; retry later")
     if isinstance(error, sa_exc.DBAPIError):
-        sqlstate = _sqlstate(error) or ""
+        sqlstate = sqlstate_of(error) or ""
         if (
             error.connection_invalidated
             or isinstance(error, sa_exc.InterfaceError)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import TypeVar
+from itertools import islice
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from service.errors import (
+    MAX_LISTED_ERRORS,
     BadRequest,
     PayloadTooLarge,
     PreconditionFailed,
@@ -17,6 +19,7 @@ from service.errors import (
 )
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+UNKNOWN_FIELD = "Extra inputs are not permitted"  # pydantic's own words for extra="forbid"
 
 
 def _is_json(content_type: str) -> bool:
@@ -42,11 +45,21 @@ async def _read_limited(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _read_body_once(request: Request) -> bytes:
+    """The body, read from the client once and kept in the request's state, so a
+    handler run again (after a deadlock) parses the same bytes."""
+    state = request.scope["state"]
+    if "body" not in state:
+        state["body"] = await _read_limited(request, state["settings"].max_body_bytes)
+    body: bytes = state["body"]
+    return body
+
+
 async def read_body(request: Request, model: type[ModelT]) -> ModelT:
     """Parse the body as `model`: 415 not JSON, 413 too large, 400 malformed, 422 invalid."""
     if not _is_json(request.headers.get("content-type", "")):
         raise UnsupportedMediaType("the body must be application/json")
-    body = await _read_limited(request, request.state.settings.max_body_bytes)
+    body = await _read_body_once(request)
     try:
         data = json.loads(body)
     except ValueError as exc:  # includes bodies that are not UTF-8
@@ -55,12 +68,20 @@ async def read_body(request: Request, model: type[ModelT]) -> ModelT:
         raise BadRequest("the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
+    # Unknown fields are found here, by one set difference, and only the first few
+    # become error objects: pydantic would build one for each of thousands.
+    known = model.model_fields.keys()
+    unknown = data.keys() - known
     try:
-        return model.model_validate(data)
+        if not unknown:
+            return model.model_validate(data)
+        model.model_validate({name: data[name] for name in known if name in data})
+        errors: list[dict[str, Any]] = []
     except ValidationError as exc:
-        raise ValidationFailed(
-            [{"loc": ["body", *error["loc"]], "msg": error["msg"]} for error in exc.errors()]
-        ) from None
+        errors = [{"loc": ["body", *error["loc"]], "msg": error["msg"]} for error in exc.errors()]
+    listed = list(islice((name for name in data if name in unknown), MAX_LISTED_ERRORS))
+    errors += ({"loc": ["body", name], "msg": UNKNOWN_FIELD} for name in listed)
+    raise ValidationFailed(errors, omitted=len(unknown) - len(listed))
 
 
 def check_if_match(request: Request, current_etag: str) -> None:

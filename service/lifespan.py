@@ -22,6 +22,7 @@ from service.db import (
     autocommit,
     create_engine,
     create_sessionmaker,
+    dispose,
     init_db,
 )
 from service.errors import from_database_error
@@ -109,7 +110,7 @@ async def start(settings: Settings) -> AsyncEngine:
     try:
         await wait_for_database(engine, migrate=settings.init_db)
     except BaseException:
-        await engine.dispose()
+        await dispose(engine)
         raise
     return engine
 
@@ -189,8 +190,5 @@ class Lifespan:
             await send({"type": "lifespan.startup.complete"})
             await receive()  # lifespan.shutdown
             tasks.cancel_scope.cancel()
-        await engine.dispose()
-        if replicas is not None:
-            for replica_engine in replicas.engines():
-                await replica_engine.dispose()
+        await dispose(engine, *(replicas.engines() if replicas is not None else ()))
         await send({"type": "lifespan.shutdown.complete"})

@@ -9,6 +9,26 @@ from typing import Any
 
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+# C0 and C1 control characters, DEL and the Unicode line separators, written as
+# backslash escapes: a value a client sent (a path, a header) can then neither
+# start a new line nor move the cursor of a terminal showing the log.
+_CONTROL_ESCAPES = {
+    code: repr(chr(code))[1:-1] for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+}
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character backslash-escaped (`\\n`, `\\x1b`)."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
+class EscapingFormatter(logging.Formatter):
+    """Writes each record's message on one line whatever values were put in it;
+    a traceback, which is ours, still follows on its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
 
 class RequestIdFilter(logging.Filter):
@@ -26,7 +46,7 @@ def logging_config(level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "filters": {"request_id": {"()": RequestIdFilter}},
-        "formatters": {"plain": {"format": LOG_FORMAT}},
+        "formatters": {"plain": {"()": EscapingFormatter, "fmt": LOG_FORMAT}},
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",

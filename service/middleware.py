@@ -44,6 +44,13 @@ def is_open_path(path: str) -> bool:
     return path == "/health" or path.startswith("/health/")
 
 
+def raw_path(scope: Scope) -> str:
+    """The path as the client sent it, still percent-encoded: a decoded `%0A` would
+    start a new line in the log (the formatter escapes what is left)."""
+    raw = scope.get("raw_path")
+    return raw.decode("latin-1") if raw else scope["path"]
+
+
 def with_state(scope: Scope, **values: object) -> Scope:
     """A copy of the scope whose `state` adds `values`; the lifespan's dict is shared."""
     return {**scope, "state": {**scope.get("state", {}), **values}}
@@ -85,13 +92,13 @@ class RequestContextMiddleware:
         except Exception:
             if status is not None:
                 raise  # the response is half sent; let the server cut the connection
-            logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            logger.exception("unhandled error in %s %s", scope["method"], raw_path(scope))
             await internal_error_response(request_id)(scope, receive, send_with_request_id)
         finally:
             access_logger.info(
                 "%s %s %s %.1fms",
                 scope["method"],
-                scope["path"],
+                raw_path(scope),
                 status or "-",
                 (time.perf_counter() - started_at) * 1000,
             )
@@ -150,10 +157,14 @@ async def _release(session: AsyncSession, *, failed: bool) -> None:
 class DBSessionMiddleware:
     """Gives each HTTP request its own AsyncSession at `request.state.db`.
 
-    The session is closed after the response has been sent, also when the
-    handler raises or the client goes away; closing rolls back whatever the
-    handler did not commit and returns the connection to the pool. The close
-    is shielded so a cancelled request cannot leak its connection.
+    The session is closed when the response starts, before a byte of the body
+    goes out: handlers commit before they build their response, so by then the
+    database work is done, and a client that reads slowly (or never) must not
+    hold a pooled connection while the server waits to send it the body. It is
+    closed again after the response, also when the handler raises or the client
+    goes away (a streamed body may have used it again). Closing rolls back
+    whatever the handler did not commit and returns the connection to the pool;
+    it is shielded so a cancelled request cannot leak its connection.
 
     GET and HEAD never write, so their session runs in autocommit: no
     BEGIN/ROLLBACK round trips, and a flush is refused (`ReadOnlySession`).
@@ -213,8 +224,17 @@ class DBSessionMiddleware:
 
     async def _run(self, scope: Scope, receive: Receive, send: Send, state: RequestState) -> None:
         failed = False
+
+        async def send_after_release(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                session = state.get("db")
+                if session is not None:
+                    with anyio.CancelScope(shield=True):
+                        await session.close()
+            await send(message)
+
         try:
-            await self.app({**scope, "state": state}, receive, send)
+            await self.app({**scope, "state": state}, receive, send_after_release)
         except BaseException:
             failed = True
             raise

@@ -7,10 +7,9 @@ import base64
 import binascii
 import json
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Select, tuple_
 from sqlalchemy.orm import InstrumentedAttribute
@@ -22,7 +21,6 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 # An issued cursor is about 90 characters; a longer one is not ours.
 MAX_CURSOR_CHARS = 200
-RowT = TypeVar("RowT", bound=Any)
 
 
 @dataclass(frozen=True)
@@ -100,12 +98,6 @@ def keyset(
     return statement.order_by(*order).limit(page.limit + 1)
 
 
-def split_page(
-    rows: Sequence[RowT], *, page: PageRequest, key: str
-) -> tuple[Sequence[RowT], str | None]:
-    """The rows to send and the cursor of the next page (None on the last page)."""
-    if len(rows) <= page.limit:
-        return rows, None
-    items = rows[: page.limit]
-    last = items[-1]
-    return items, Cursor(at=getattr(last, key), uid=last.uid).encode()
+def cursor_after(row: Any, *, key: str) -> str:
+    """The cursor of the page that follows `row`."""
+    return Cursor(at=getattr(row, key), uid=row.uid).encode()

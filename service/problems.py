@@ -10,7 +10,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service.errors import UNREACHABLE, ServiceError, from_database_error
+from service.errors import (
+    UNREACHABLE,
+    ServiceError,
+    from_database_error,
+    is_transaction_conflict,
+    sqlstate_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +90,16 @@ async def handle_database_error(request: Request, exc: Exception) -> Response:
     error = from_database_error(exc)
     if error is None:
         raise exc
-    if error.status >= 500:
-        logger.warning("database unavailable: %s", type(exc).__name__)
+    if error.status >= 500 or is_transaction_conflict(exc):
+        # The SQLSTATE tells an operator which fault it was (57014 a statement
+        # timeout, 53300 too many connections, 08006 a lost connection, 40P01 a
+        # deadlock that persisted through the retries...).
+        logger.warning(
+            "database %s: %s (SQLSTATE %s)",
+            "unavailable" if error.status >= 500 else "conflict",
+            type(exc).__name__,
+            sqlstate_of(exc) or "none",
+        )
     return render_service_error(error, _request_id(request))
 
 

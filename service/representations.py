@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -9,8 +10,13 @@ from typing import Any
 from sqlmodel import SQLModel
 from starlette.responses import Response
 
+from service.pagination import PageRequest, cursor_after
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+# A page stops adding items past about this size: 200 messages of 100,000
+# characters each would otherwise be a body of hundreds of megabytes.
+MAX_PAGE_BYTES = 1_048_576
 
 
 def etag_of(row: Any) -> str:
@@ -36,5 +42,21 @@ def resource_response(
     return json_response(public.model_validate(row), status=status, headers=headers)
 
 
-def page_response(page: type[SQLModel], rows: Sequence[Any], next_cursor: str | None) -> Response:
-    return json_response(page.model_validate({"items": rows, "next_cursor": next_cursor}))
+def page_response(
+    public: type[SQLModel], rows: Sequence[Any], *, page: PageRequest, key: str
+) -> Response:
+    """`{"items": [...], "next_cursor": ...}` from the rows `keyset` fetched (one more
+    than the page holds). Items stop at the page's limit, or earlier once the body
+    would pass MAX_PAGE_BYTES (but never before the first): `next_cursor` then
+    continues after the last item sent, so a walk still sees every row once."""
+    items: list[bytes] = []
+    size = 0
+    for row in rows[: page.limit]:
+        item = public.model_validate(row).model_dump_json().encode()
+        size += len(item) + 1
+        if items and size > MAX_PAGE_BYTES:
+            break
+        items.append(item)
+    next_cursor = cursor_after(rows[len(items) - 1], key=key) if len(rows) > len(items) else None
+    body = b'{"items":[%s],"next_cursor":%s}' % (b",".join(items), json.dumps(next_cursor).encode())
+    return Response(body, media_type="application/json")

@@ -9,6 +9,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from service.retries import run_with_retries
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -22,4 +24,5 @@ class MethodRoute(Route):
         super().__init__(path, self._dispatch, methods=list(self.handlers))
 
     async def _dispatch(self, request: Request) -> Response:
-        return await self.handlers[request.method](request)
+        # Every route shares the retry of a transaction the database aborted (deadlock).
+        return await run_with_retries(self.handlers[request.method], request)

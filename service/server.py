@@ -7,6 +7,7 @@ import logging
 import socket
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from service.config import Settings
@@ -33,7 +34,8 @@ def listen(port: int) -> socket.socket:
     return sock
 
 
-def serve(settings: Settings, *, graceful_shutdown_seconds: int) -> None:
+def serve(settings: Settings, *, graceful_shutdown_seconds: int) -> int:
+    """Serve until SIGTERM; the exit status (non-zero when a worker could not start)."""
     config = uvicorn.Config(
         APP,
         factory=True,
@@ -55,7 +57,14 @@ def serve(settings: Settings, *, graceful_shutdown_seconds: int) -> None:
         settings.web_concurrency,
         settings.web_concurrency * settings.connections_per_process,
     )
-    if config.workers > 1:
-        Multiprocess(config, sockets=[sock]).run()
-    else:
-        uvicorn.Server(config).run(sockets=[sock])
+    if config.workers == 1:
+        uvicorn.Server(config).run(sockets=[sock])  # exits STARTUP_FAILURE itself
+        return 0
+    supervisor = Multiprocess(config, sockets=[sock])
+    supervisor.run()
+    # The supervisor stops when a worker fails to start, but returns as after a
+    # SIGTERM: the platform must see the failure to restart the dyno.
+    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+        logger.error("a worker failed to start; exiting with status %d", STARTUP_FAILURE)
+        return STARTUP_FAILURE
+    return 0

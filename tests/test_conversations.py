@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from sqlalchemy import event
 from starlette.testclient import TestClient
 
 from tests.factories import create_conversation, create_message, create_user
@@ -65,6 +66,45 @@ def test_conversation_for_a_missing_user_is_404(client: TestClient) -> None:
 
     assert response.status_code == 404
     assert listing.status_code == 404
+
+
+def test_lists_and_creates_ask_for_their_parent_only_when_they_must(client: TestClient) -> None:
+    """A page with rows proves its parent exists, and a foreign key error tells a
+    missing user: neither costs a round trip of its own."""
+    statements: list[str] = []
+    engine = client.app_state["engine"].sync_engine
+
+    def record(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    user = create_user(client)
+    conversation = create_conversation(client, user["uid"])
+    create_message(client, conversation["uid"])
+    empty_user = create_user(client)
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        counts = {}
+        for name, method, path, body in [
+            ("conversations", "GET", f"/users/{user['uid']}/conversations", None),
+            ("messages", "GET", f"/conversations/{conversation['uid']}/messages", None),
+            ("empty", "GET", f"/users/{empty_user['uid']}/conversations", None),
+            ("create", "POST", f"/users/{user['uid']}/conversations", {"title": "t"}),
+            ("create for nobody", "POST", f"/users/{uuid.uuid4()}/conversations", {"title": "t"}),
+        ]:
+            statements.clear()
+            response = client.request(method, path, json=body)
+            assert response.status_code in (200, 201, 404)
+            counts[name] = len(statements)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+    assert counts == {
+        "conversations": 1,
+        "messages": 1,
+        "empty": 2,  # the page, then: is there such a user?
+        "create": 1,  # the INSERT (BEGIN and COMMIT are not statements here)
+        "create for nobody": 1,
+    }
 
 
 def test_adding_a_message_bumps_the_conversation(client: TestClient) -> None:

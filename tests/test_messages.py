@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from tests.factories import create_conversation, create_message, create_user
-from tests.support import assert_ids_and_times
+from tests.factories import create_conversation, create_message, create_user, user_body
+from tests.support import assert_ids_and_times, running_service
 
 # Fields a client may not send: unknown ones, and those the service sets itself.
 FORBIDDEN_FIELDS = [
@@ -180,3 +182,41 @@ def test_delete_message_with_if_match(client: TestClient, conversation: dict[str
     assert client.delete(path, headers={"If-Match": '"other"'}).status_code == 412
     assert client.delete(path, headers={"If-Match": etag}).status_code == 204
     assert client.get(path).status_code == 404
+
+
+def test_a_page_of_large_messages_stops_near_1_mib_and_the_walk_sees_each_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    """30 messages of ~200 KB each: `?limit=200` would be a 6 MB body. Pages stop
+    past ~1 MiB (one ~1.2 MB message alone still makes a page) and continue."""
+    with (
+        running_service(
+            {"DATABASE_URL": database_url, "MAX_BODY_BYTES": "2000000"}, tmp_path=tmp_path
+        ) as service,
+        httpx.Client(base_url=service.base_url, timeout=30) as http,
+    ):
+        user = http.post("/users", json=user_body()).json()
+        conversation = http.post(
+            f"/users/{user['uid']}/conversations", json={"title": "big"}
+        ).json()
+        path = f"/conversations/{conversation['uid']}/messages"
+        texts = [f"{n:03}" + "é" * 99_997 for n in range(30)]
+        texts.insert(10, "\x01" * 100_000)  # 600 KB as JSON escapes, twice
+        for text in texts:
+            body = {"prompt": text, "response": text}
+            assert http.post(path, json=body).status_code == 201
+        pages: list[httpx.Response] = []
+        cursor = None
+        while True:
+            params = {"limit": "200", **({"cursor": cursor} if cursor else {})}
+            pages.append(http.get(path, params=params))
+            cursor = pages[-1].json()["next_cursor"]
+            if cursor is None:
+                break
+
+    walked = [item["prompt"] for page in pages for item in page.json()["items"]]
+    assert walked == texts  # every message once, in order
+    assert len(pages) > 5
+    assert all(page.status_code == 200 for page in pages)
+    assert max(len(page.content) for page in pages) < 1_300_000
+    assert [len(page.json()["items"]) for page in pages].count(1) >= 1  # the escaped one

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
+import uvicorn
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import select
@@ -20,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
+from starlette.types import ASGIApp
 
 from service.config import Settings
 from service.db import autocommit, create_engine, create_sessionmaker, init_db
@@ -27,6 +35,8 @@ from service.lifespan import Lifespan
 from service.middleware import DBSessionMiddleware, RequestContextMiddleware
 from service.models import User, utc_now
 from service.problems import EXCEPTION_HANDLERS
+from tests.factories import user_body
+from tests.support import free_port, running_service
 
 Message = dict[str, Any]
 
@@ -281,3 +291,100 @@ def test_the_session_lives_on_a_per_request_copy_of_the_state(settings: Settings
     assert "sessionmaker" in shared_state
     assert "db" not in shared_state
     assert probe.sessions[0] is not probe.sessions[1]
+
+
+# -- slow readers ---------------------------------------------------------------
+
+STALLED_READERS = 4
+
+
+@contextmanager
+def stalled_readers(port: int, path: str) -> Iterator[list[socket.socket]]:
+    """Clients that ask for `path` and never read a byte of the answer."""
+    sockets = []
+    try:
+        for _ in range(STALLED_READERS):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+            sockets.append(sock)
+        time.sleep(1)  # every one of them is now stuck mid-body
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@contextmanager
+def serving(app: ASGIApp) -> Iterator[int]:
+    """A real uvicorn server for `app` on a free port, in a thread."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, lifespan="on", log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_a_streamed_response_holds_no_connection_while_a_slow_client_reads(
+    settings: Settings,
+) -> None:
+    """The handler is done with the database when its response starts; 4 clients
+    that never read a 16 MB stream must not keep a pool of 2 from others."""
+
+    async def download(request: Request) -> Response:
+        await request.state.db.exec(text("SELECT 1"))
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(256):
+                yield b"x" * 65536
+
+        return StreamingResponse(chunks())
+
+    async def ok(request: Request) -> Response:
+        await request.state.db.exec(text("SELECT 1"))
+        return JSONResponse({"ok": True})
+
+    app = Starlette(
+        routes=[Route("/download", download), Route("/ok", ok)],
+        middleware=[Middleware(RequestContextMiddleware), Middleware(DBSessionMiddleware)],
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
+    small_pool = replace(settings, db_pool_size=2, db_max_overflow=0, db_pool_timeout=2.0)
+    with serving(Lifespan(app, settings=small_pool)) as port, stalled_readers(port, "/download"):
+        statuses = [
+            httpx.get(f"http://127.0.0.1:{port}/ok", timeout=30).status_code for _ in range(5)
+        ]
+
+    assert statuses == [200] * 5
+
+
+def test_clients_that_never_read_a_large_page_do_not_starve_the_pool(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The real process, a pool of 2, and 4 clients stalled on ~1 MiB pages."""
+    env = {"DATABASE_URL": database_url, "DB_POOL_SIZE": "2", "DB_MAX_OVERFLOW": "0"}
+    with running_service({**env, "DB_POOL_TIMEOUT": "2"}, tmp_path=tmp_path) as service:
+        base = service.base_url
+        user = httpx.post(f"{base}/users", json=user_body()).json()
+        conversation = httpx.post(
+            f"{base}/users/{user['uid']}/conversations", json={"title": "big"}
+        ).json()
+        path = f"/conversations/{conversation['uid']}/messages"
+        for _ in range(12):
+            body = {"prompt": "p" * 100_000, "response": "r" * 100_000}
+            assert httpx.post(f"{base}{path}", json=body).status_code == 201
+        port = int(base.rsplit(":", 1)[1])
+        with stalled_readers(port, f"{path}?limit=200"):
+            statuses = [
+                httpx.get(f"{base}/users/{user['uid']}", timeout=30).status_code for _ in range(5)
+            ]
+
+    assert statuses == [200] * 5

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -19,15 +20,18 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlmodel import SQLModel
 
+from service.db.schema import INIT_DB_LOCK_KEY
 from tests.factories import user_body
 from tests.proxy import Mode, in_front_of
 from tests.support import (
     POSTGRES_ADMIN_URL,
     REPO,
     ServiceProcess,
+    execute,
     fetch_value,
     free_port,
     locked_table,
+    plain_dsn,
     procfile_command,
     require_postgres,
     running_service,
@@ -156,6 +160,96 @@ def test_four_workers_start_together_on_an_empty_database(
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_init_db_that_fails_ends_startup_with_one_line_and_non_zero(
+    postgres_url: str, tmp_path: Path, workers: str
+) -> None:
+    """A role that may not create tables: the database answers, init_db cannot work."""
+    role = f"svc_reader_{uuid.uuid4().hex[:8]}"
+    asyncio.run(execute(POSTGRES_ADMIN_URL, f'CREATE ROLE "{role}" LOGIN'))
+    try:
+        url = make_url(postgres_url).set(username=role).render_as_string(False)
+        started = time.monotonic()
+        result = subprocess.run(
+            procfile_command("web"),
+            shell=True,
+            cwd=tmp_path,
+            env={
+                **os.environ,
+                "DATABASE_URL": url,
+                "WEB_CONCURRENCY": workers,
+                "PORT": str(free_port()),
+                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        took = time.monotonic() - started
+    finally:
+        asyncio.run(execute(POSTGRES_ADMIN_URL, f'DROP ROLE "{role}"'))
+
+    output = result.stdout + result.stderr
+    causes = {line.split("] ", 1)[1] for line in output.splitlines() if "init_db failed" in line}
+    assert result.returncode != 0, output
+    assert len(causes) == 1, output  # one line (from each worker that got that far)
+    assert "permission denied for schema public" in causes.pop()
+    assert "Traceback" not in output
+    assert took < 20  # a refusal is not retried
+
+
+HOLD_INIT_LOCK = f"""
+import asyncio, sys, asyncpg
+async def main():
+    connection = await asyncpg.connect(sys.argv[1])
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock({INIT_DB_LOCK_KEY})")
+        print("locked", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.postgres
+def test_init_db_retries_a_transient_failure_within_the_startup_deadline(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """init_db waits on its advisory lock, held elsewhere, and its statement times
+    out after 1 s (SQLSTATE 57014, transient): retried until the lock is let go,
+    then the service starts."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_INIT_LOCK, plain_dsn(postgres_url)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        env = {"DATABASE_URL": postgres_url, "DB_STATEMENT_TIMEOUT_MS": "1000"}
+        with running_service(env, tmp_path=tmp_path, wait=False) as service:
+            deadline = time.monotonic() + 15
+            while "QueryCanceledError" not in service.log():
+                assert time.monotonic() < deadline, service.log()
+                assert service.process.poll() is None, service.log()
+                time.sleep(0.05)
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            wait_until_live(service)
+            created = httpx.post(f"{service.base_url}/users", json=user_body())
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+    assert created.status_code == 201
+    assert "(QueryCanceledError: canceling statement due to statement timeout); retrying" in (
+        service.log()
+    )
+    assert "Traceback" not in service.log()
+
+
+@pytest.mark.postgres
 def test_release_creates_the_schema_and_can_run_twice(postgres_url: str, tmp_path: Path) -> None:
     env = {
         **os.environ,
@@ -221,6 +315,7 @@ def test_a_silent_database_is_503_quickly_and_recovers(postgres_url: str, tmp_pa
 
     assert health.status_code == 503
     assert health.json()["status"] == "fail"
+    assert health.headers["retry-after"].isdigit()
     assert health_took < 4
     assert read.status_code == 503
     assert read.headers["retry-after"].isdigit()
@@ -334,6 +429,40 @@ def test_the_procfile_web_command_exits_inside_30_s_with_a_stuck_request(
     assert took < PLATFORM_KILL_SECONDS - 2
 
 
+@pytest.mark.postgres
+def test_sigterm_with_a_silent_database_ends_well_inside_30_s(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A warm pool, then the database drops every packet: closing each connection
+    politely would wait out the 16 s command timeout, one after another."""
+
+    async def warm_up(base_url: str) -> None:
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            await asyncio.gather(*(client.get("/users") for _ in range(40)))
+
+    with in_front_of(postgres_url) as (proxy, proxied_url):
+        env = {"DATABASE_URL": proxied_url}
+        with running_service(env, tmp_path=tmp_path) as service:
+            asyncio.run(warm_up(service.base_url))
+            warm = asyncio.run(
+                fetch_value(
+                    postgres_url,
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                )
+            )
+            proxy.set_mode(Mode.SILENT)
+            started = time.monotonic()
+            service.terminate()
+            while service.is_running() and time.monotonic() - started < 60:
+                time.sleep(0.05)
+            took = time.monotonic() - started
+
+    assert warm >= 3  # type: ignore[operator]
+    assert took < 12, service.log()  # 5 s of polite closing at most, then dropped
+    assert "dropped the" in service.log()
+
+
 # -- secrets and logs ------------------------------------------------------------
 
 
@@ -387,6 +516,40 @@ def test_log_level_is_the_lowest_level_written(level: str, tmp_path: Path) -> No
     has_access_line = any("service.access" in line and "GET /users 200" in line for line in lines)
     assert has_access_line is (level == "info")
     assert any("API_KEYS is not set" in line for line in lines) is (level != "error")
+
+
+@pytest.mark.postgres
+def test_logs_hold_no_sql_parameters_and_name_the_sqlstate_of_a_503(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A 500's traceback must not carry the bound values (emails, prompts); a 503's
+    line says which fault it was."""
+    email = "private-person@example.com"
+    refuse_inserts = """
+        CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql
+            AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION refuse();
+    """
+
+    async def read_while_locked(base_url: str) -> httpx.Response:
+        async with (
+            locked_table(postgres_url),
+            httpx.AsyncClient(base_url=base_url, timeout=30) as client,
+        ):
+            return await client.get("/users")
+
+    env = {"DATABASE_URL": postgres_url, "DB_STATEMENT_TIMEOUT_MS": "300"}
+    with running_service(env, tmp_path=tmp_path) as service:
+        asyncio.run(execute(postgres_url, refuse_inserts))
+        failed = httpx.post(f"{service.base_url}/users", json=user_body(email=email))
+        timed_out = asyncio.run(read_while_locked(service.base_url))
+    log = service.log()
+
+    assert failed.status_code == 500
+    assert "Traceback" in log  # the operator still gets the error itself...
+    assert email not in log  # ...without the values bound to it
+    assert timed_out.status_code == 503
+    assert "database unavailable: DBAPIError (SQLSTATE 57014)" in log
 
 
 # -- a platform's view -------------------------------------------------------------

@@ -65,6 +65,38 @@ def test_returns_in_one_tick_go_to_waiters_instead_of_overflowing_the_queue() ->
     assert served == ["a", "b", "c"]
 
 
+def test_a_waiter_cancelled_as_it_is_handed_a_connection_gives_it_back() -> None:
+    """The hand-off and the cancellation land in one loop tick, and an overflow
+    connection fills the queue in that tick: the handed one must still come back."""
+
+    async def scenario() -> list[str]:
+        queue: HandOffQueue[str] = HandOffQueue(maxsize=1)
+        waiting = asyncio.create_task(greenlet_spawn(queue.get, True, 5))
+        await asyncio.sleep(0)  # the task is now parked on its waiter
+        queue.put_nowait("handed")  # resolves the waiter; the task has not run yet
+        queue.put_nowait("overflow")  # nobody waits any more: it fills the queue
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return [queue.get_nowait(), queue.get_nowait()]
+
+    assert sorted(asyncio.run(scenario())) == ["handed", "overflow"]
+
+
+def test_a_waiter_whose_time_runs_out_as_it_is_handed_a_connection_keeps_it() -> None:
+    async def scenario() -> tuple[str, list[str]]:
+        queue: HandOffQueue[str] = HandOffQueue(maxsize=1)
+        # A zero timeout fires in the next tick, after this coroutine's own wake-up.
+        waiting = asyncio.create_task(greenlet_spawn(queue.get, True, 0))
+        await asyncio.sleep(0)
+        queue.put_nowait("handed")
+        queue.put_nowait("overflow")
+        got = await waiting
+        return got, [queue.get_nowait()]
+
+    assert asyncio.run(scenario()) == ("handed", ["overflow"])
+
+
 def test_a_waiter_that_times_out_loses_nothing(database_url: str) -> None:
     """Giving up (DB_POOL_TIMEOUT) must not swallow a connection handed over at that moment."""
     settings: Settings = make_settings(

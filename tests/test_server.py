@@ -205,6 +205,7 @@ def test_database_outage_is_503_and_recovers_without_restart(
     assert down_read.status_code == 503
     assert down_read.headers["retry-after"].isdigit()
     assert down_health.status_code == 503
+    assert down_health.headers["retry-after"].isdigit()
     assert down_health.json()["status"] == "fail"
     assert after == [200] * 10  # no pooled connection stayed broken
 
@@ -317,3 +318,25 @@ def test_an_unexpected_database_error_on_a_real_route_is_a_bare_500(
     for leak in ("INSERT", "messages", "trigger says no", "P0001", "private prompt", "Traceback"):
         assert leak not in response.text, leak
     assert any(f"[{request_id}]" in line and " ERROR " in line for line in log.splitlines()), log
+
+
+@pytest.mark.postgres
+def test_a_worker_that_cannot_start_makes_the_parent_exit_non_zero(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """The parent's own check passes, then the database goes away before the two
+    workers reach it: they give up at the startup deadline, and so must the parent,
+    with a status the platform reads as a crash (uvicorn's supervisor returns as
+    after a SIGTERM)."""
+    with (
+        in_front_of(postgres_url) as (proxy, proxied_url),
+        running_service(
+            {"DATABASE_URL": proxied_url, "WEB_CONCURRENCY": "2"}, tmp_path=tmp_path, wait=False
+        ) as service,
+    ):
+        wait_until(lambda: "listening on" in service.log(), timeout=30, what="the parent")
+        proxy.set_mode(Mode.REFUSE)  # before the forked workers have connected
+        exit_status = service.process.wait(timeout=60)
+
+    assert exit_status != 0, service.log()
+    assert "failed to start" in service.log()

@@ -8,6 +8,7 @@ from service.db.engine import (
     autocommit,
     create_engine,
     create_sessionmaker,
+    dispose,
     pool_status,
 )
 from service.db.replicas import Replica, ReplicaSet, format_lsn, parse_lsn
@@ -21,6 +22,7 @@ __all__ = [
     "autocommit",
     "create_engine",
     "create_sessionmaker",
+    "dispose",
     "format_lsn",
     "init_db",
     "parse_lsn",

@@ -17,7 +17,7 @@ import asyncio
 from collections import deque
 from typing import Any, TypeVar
 
-from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, Pool, QueuePool
 from sqlalchemy.util import await_
 from sqlalchemy.util.queue import Empty, Full, QueueCommon
 
@@ -44,14 +44,30 @@ class HandOffQueue(QueueCommon[ItemT]):
         return len(self._items)
 
     def put_nowait(self, item: ItemT) -> None:
+        if not self._hand_to_waiter(item):
+            if self.full():
+                raise Full()
+            self._items.append(item)
+
+    def _hand_to_waiter(self, item: ItemT) -> bool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(item)
-                return
-        if self.full():
-            raise Full()
-        self._items.append(item)
+                return True
+        return False
+
+    def _give_back(self, item: ItemT) -> None:
+        """Return an item a waiter was handed but cannot use, never raising `Full`.
+
+        In the tick between the hand-off and the waiter waking, an overflow
+        connection may have filled the queue; the pool still counts the handed
+        one as in use, so it must come back. Resting one past `maxsize` keeps
+        the pool's books right (its overflow count includes it), and the next
+        check-in into a full queue closes one connection.
+        """
+        if not self._hand_to_waiter(item):
+            self._items.append(item)
 
     def put(self, item: ItemT, block: bool = True, timeout: float | None = None) -> None:
         self.put_nowait(item)
@@ -72,20 +88,42 @@ class HandOffQueue(QueueCommon[ItemT]):
         try:
             async with asyncio.timeout(limit):
                 return await waiter
-        except BaseException as exc:
+        except TimeoutError:
             if waiter.done() and not waiter.cancelled():
-                # Handed a connection just as we gave up: pass it on, never drop it.
-                self.put_nowait(waiter.result())
+                return waiter.result()  # handed one as time ran out: use it
+            self._forget(waiter)
+            raise Empty() from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._give_back(waiter.result())  # handed one just as we were cancelled
             else:
-                waiter.cancel()
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-            if isinstance(exc, TimeoutError):
-                raise Empty() from None
+                self._forget(waiter)
             raise
+
+    def _forget(self, waiter: asyncio.Future[ItemT]) -> None:
+        waiter.cancel()
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
 
 
 class FairAsyncQueuePool(AsyncAdaptedQueuePool):
     """`AsyncAdaptedQueuePool` with the hand-off queue above."""
 
     _queue_class: Any = HandOffQueue
+
+
+def terminate_idle(pool: Pool) -> int:
+    """Drop every idle connection of a queue pool at once, without a word to the
+    server (the socket is closed): for shutdown, when the server stopped
+    answering the polite close, which waits for a reply. Returns how many."""
+    if not isinstance(pool, QueuePool):
+        return 0
+    dropped = 0
+    while True:
+        try:
+            record = pool._pool.get_nowait()
+        except Empty:
+            return dropped
+        if record.dbapi_connection is not None:
+            pool._dialect.do_terminate(record.dbapi_connection)
+        dropped += 1

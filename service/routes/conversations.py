@@ -17,7 +17,7 @@ from service.models import (
     ConversationUpdate,
 )
 from service.openapi import operation
-from service.pagination import PageRequest, split_page
+from service.pagination import PageRequest
 from service.representations import page_response, resource_response
 from service.routes.resources import delete_handler, read_handler, update_handler
 from service.routing import MethodRoute
@@ -57,8 +57,7 @@ async def list_conversations(request: Request) -> Response:
         ),
         "user",
     )
-    items, next_cursor = split_page(rows, page=page, key="updated_at")
-    return page_response(ConversationPage, items, next_cursor)
+    return page_response(ConversationPublic, rows, page=page, key="updated_at")
 
 
 read_conversation = read_handler(Conversation, ConversationPublic, what="conversation")

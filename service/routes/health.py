@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service.db import ReplicaSet, pool_status
+from service.errors import RETRY_AFTER_SECONDS
 from service.models import utc_now
 from service.openapi import operation
 from service.routing import MethodRoute
@@ -68,6 +69,8 @@ class Liveness(BaseModel):
 
 
 NO_STORE = {"Cache-Control": "no-store"}
+# A failing check says when to look again, as every other 503 does.
+FAILING = {**NO_STORE, "Retry-After": str(RETRY_AFTER_SECONDS)}
 LIVE_BODY = Liveness(status="pass").model_dump_json().encode()
 
 
@@ -120,7 +123,7 @@ async def read_health(request: Request) -> Response:
         report.model_dump_json(),
         status_code=200 if ok else 503,
         media_type=HEALTH_MEDIA_TYPE,
-        headers=NO_STORE,
+        headers=NO_STORE if ok else FAILING,
     )
 
 

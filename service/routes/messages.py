@@ -11,7 +11,7 @@ from service.errors import found
 from service.inputs import read_body
 from service.models import Message, MessageCreate, MessagePage, MessagePublic, MessageUpdate
 from service.openapi import operation
-from service.pagination import PageRequest, split_page
+from service.pagination import PageRequest
 from service.representations import page_response, resource_response
 from service.routes.resources import delete_handler, read_handler, update_handler
 from service.routing import MethodRoute
@@ -44,8 +44,7 @@ async def list_messages(request: Request) -> Response:
         ),
         "conversation",
     )
-    items, next_cursor = split_page(rows, page=page, key="created_at")
-    return page_response(MessagePage, items, next_cursor)
+    return page_response(MessagePublic, rows, page=page, key="created_at")
 
 
 read_message = read_handler(Message, MessagePublic, what="message")

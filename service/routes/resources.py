@@ -64,7 +64,12 @@ def delete_handler(model: type[crud.Entity], *, what: str, summary: str) -> Hand
     async def delete(request: Request) -> Response:
         """Delete, honouring If-Match; children go with it (ON DELETE CASCADE)."""
         session: AsyncSession = request.state.db
-        row = found(await crud.lock_row(session, model=model, uid=request.path_params["uid"]), what)
+        row = found(
+            await crud.lock_row(
+                session, model=model, uid=request.path_params["uid"], deleting=True
+            ),
+            what,
+        )
         check_if_match(request, etag_of(row))
         await crud.delete_row(session, row)
         await session.commit()

@@ -10,7 +10,7 @@ from service import crud
 from service.inputs import read_body
 from service.models import User, UserCreate, UserPage, UserPublic, UserUpdate
 from service.openapi import operation
-from service.pagination import PageRequest, split_page
+from service.pagination import PageRequest
 from service.representations import page_response, resource_response
 from service.routes.resources import delete_handler, read_handler, update_handler
 from service.routing import MethodRoute
@@ -21,8 +21,7 @@ async def list_users(request: Request) -> Response:
     """One page of users; follow `next_cursor` for the next."""
     page = PageRequest.from_request(request)
     rows = await crud.list_users(request.state.db, page=page)
-    items, next_cursor = split_page(rows, page=page, key="created_at")
-    return page_response(UserPage, items, next_cursor)
+    return page_response(UserPublic, rows, page=page, key="created_at")
 
 
 @operation("Create a user", body=UserCreate, response=UserPublic, status=201, errors=(409,))
