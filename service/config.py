@@ -46,6 +46,10 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 1048576
     log_level: str = "info"
+    metrics_enabled: bool = True
+    # Where every worker keeps its metrics so that one scrape sums them; unset: a
+    # new temporary directory per dyno.
+    prometheus_multiproc_dir: str | None = None
     # True when the URL came from DATABASE_CONNECTION_POOL_URL (a hosted PgBouncer).
     via_connection_pool: bool = False
     database_replica_urls: tuple[URL, ...] = ()
@@ -143,6 +147,8 @@ def load_settings(*, env_file: str | Path | None = ".env") -> Settings:
         "max_body_bytes": env.int("MAX_BODY_BYTES", 1048576, validate=positive),
         "log_level": env.str("LOG_LEVEL", "info", validate=_validate_log_level),
         "db_replica_max_lag_ms": env.int("DB_REPLICA_MAX_LAG_MS", 5000, validate=positive),
+        "metrics_enabled": env.bool("METRICS_ENABLED", True),
+        "prometheus_multiproc_dir": env.str("PROMETHEUS_MULTIPROC_DIR", None),
     }
     raw_url = env.str("DATABASE_URL", DEFAULT_DATABASE_URL)
     # A hosted PgBouncer attaches this beside DATABASE_URL; when present it wins,
@@ -190,6 +196,8 @@ def load_settings(*, env_file: str | Path | None = ".env") -> Settings:
         api_keys=tuple(key.strip() for key in values["api_keys"] if key.strip()),
         max_body_bytes=values["max_body_bytes"],
         log_level=values["log_level"].lower(),
+        metrics_enabled=values["metrics_enabled"],
+        prometheus_multiproc_dir=values["prometheus_multiproc_dir"] or None,
         via_connection_pool=bool(pool_url),
         database_replica_urls=replica_urls,
         db_replica_max_lag_ms=values["db_replica_max_lag_ms"],

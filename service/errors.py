@@ -20,7 +20,7 @@ from __future__ import annotations
 import socket
 import sqlite3
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm.exc import StaleDataError
@@ -39,6 +39,7 @@ UNREACHABLE = (ConnectionError, TimeoutError, socket.gaierror)
 # failure (40001). The transaction changed nothing; running it again may succeed.
 _TRANSACTION_ROLLBACK_CLASS = "40"
 CONFLICT_RETRY_AFTER_SECONDS = 1
+_QUERY_CANCELED = "57014"  # statement_timeout ran out (or a DBA cancelled the query)
 _UNIQUE_VIOLATION = "23505"
 _FOREIGN_KEY_VIOLATION = "23503"
 _EMAIL_TAKEN = ("email", "a user with this email already exists")
@@ -124,11 +125,17 @@ class ValidationFailed(ServiceError):
         return {"errors": self.errors}
 
 
+# Why a 503 was answered, as the metrics count them.
+UnavailableCause = Literal["database_down", "pool_timeout", "statement_timeout"]
+UNAVAILABLE_CAUSES: tuple[UnavailableCause, ...] = get_args(UnavailableCause)
+
+
 class ServiceUnavailable(ServiceError):
     status = 503
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, cause: UnavailableCause = "database_down") -> None:
         super().__init__(detail, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        self.cause = cause
 
 
 def sqlstate_of(error: BaseException) -> str | None:
@@ -169,7 +176,9 @@ def _unique_field(error: sa_exc.IntegrityError) -> tuple[str, str] | None:
 def from_database_error(error: BaseException) -> ServiceError | None:
     """The client-facing error for a database failure, or None if it is a bug (500)."""
     if isinstance(error, sa_exc.TimeoutError):
-        return ServiceUnavailable("no database connection became free in time; retry later")
+        return ServiceUnavailable(
+            "no database connection became free in time; retry later", cause="pool_timeout"
+        )
     if isinstance(error, sa_exc.IntegrityError):
         if is_foreign_key_violation(error):
             return NotFound("the resource this refers to does not exist")
@@ -196,5 +205,9 @@ def from_database_error(error: BaseException) -> ServiceError | None:
             or isinstance(error.orig, UNREACHABLE)
             or _sqlite_error_name(error) in {"SQLITE_BUSY", "SQLITE_LOCKED"}
         ):
-            return ServiceUnavailable("the database is unavailable; retry later")
+            timed_out = sqlstate == _QUERY_CANCELED or _sqlite_error_name(error) == "SQLITE_BUSY"
+            return ServiceUnavailable(
+                "the database is unavailable; retry later",
+                cause="statement_timeout" if timed_out else "database_down",
+            )
     return None

@@ -4,14 +4,19 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from service.retries import run_with_retries
 
 Handler = Callable[[Request], Awaitable[Response]]
+# The template of the route that took the request (`/users/{uid}`), for the metrics'
+# labels: the middleware outside the router reads it once the response is sent.
+ROUTE_TEMPLATE: ContextVar[str | None] = ContextVar("route_template", default=None)
 
 
 class MethodRoute(Route):
@@ -22,6 +27,10 @@ class MethodRoute(Route):
         if "GET" in self.handlers:
             self.handlers.setdefault("HEAD", self.handlers["GET"])
         super().__init__(path, self._dispatch, methods=list(self.handlers))
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ROUTE_TEMPLATE.set(self.path_format)
+        await super().handle(scope, receive, send)
 
     async def _dispatch(self, request: Request) -> Response:
         # Every route shares the retry of a transaction the database aborted (deadlock).

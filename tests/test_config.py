@@ -34,6 +34,8 @@ def test_defaults_match_the_contract() -> None:
     assert settings.log_level == "info"
     assert settings.database_replica_urls == ()
     assert settings.db_replica_max_lag_ms == 5000
+    assert settings.metrics_enabled is True
+    assert settings.prometheus_multiproc_dir is None
 
 
 @pytest.mark.parametrize(
@@ -114,6 +116,8 @@ def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         "LOG_LEVEL": "DEBUG",
         "DATABASE_REPLICA_URLS": "postgres://u:secret@r1/app, postgresql://u@r2/app?sslmode=require",
         "DB_REPLICA_MAX_LAG_MS": "1500",
+        "METRICS_ENABLED": "false",
+        "PROMETHEUS_MULTIPROC_DIR": "/run/metrics",
     }
     # DATABASE_CONNECTION_POOL_URL replaces DATABASE_URL: it has a test of its own.
     assert {*values, "DATABASE_CONNECTION_POOL_URL"} == set(SERVICE_VARIABLES)
@@ -142,6 +146,8 @@ def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.db_replica_max_lag_ms == 1500
     # One pool per database plus, with replicas, one monitor connection per database.
     assert settings.connections_per_process == 3 * (7 + 0) + 3
+    assert settings.metrics_enabled is False
+    assert settings.prometheus_multiproc_dir == "/run/metrics"
 
 
 def test_dot_env_in_the_working_directory_is_read(tmp_path: Path) -> None:

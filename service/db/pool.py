@@ -14,10 +14,12 @@ SQLAlchemy API: pyproject pins SQLAlchemy below 2.2 for that reason.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy.pool import AsyncAdaptedQueuePool, Pool, QueuePool
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, Pool, QueuePool
 from sqlalchemy.util import await_
 from sqlalchemy.util.queue import Empty, Full, QueueCommon
 
@@ -106,10 +108,50 @@ class HandOffQueue(QueueCommon[ItemT]):
             self._waiters.remove(waiter)
 
 
+class PoolObserver(Protocol):
+    """What a pool reports as it works, for the metrics (`service.metrics.PoolMetrics`)."""
+
+    def in_use(self, *, checked_out: int, overflow: int) -> None: ...
+
+    def waited(self, seconds: float, *, timed_out: bool) -> None: ...
+
+
 class FairAsyncQueuePool(AsyncAdaptedQueuePool):
-    """`AsyncAdaptedQueuePool` with the hand-off queue above."""
+    """`AsyncAdaptedQueuePool` with the hand-off queue above, reporting to `observer`
+    (when one is set) every checkout and checkin, and every wait for a connection."""
 
     _queue_class: Any = HandOffQueue
+    observer: PoolObserver | None = None
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        observer = self.observer
+        if observer is None:
+            return super()._do_get()
+        # The queue waits only when it is empty and no overflow connection may be
+        # opened; on one event loop nothing changes between this test and the wait.
+        waits = self._pool.empty() and 0 <= self._max_overflow <= self._overflow
+        started = time.perf_counter()
+        timed_out = False
+        try:
+            return super()._do_get()
+        except sa_exc.TimeoutError:
+            timed_out = True
+            raise
+        finally:
+            if waits:
+                observer.waited(time.perf_counter() - started, timed_out=timed_out)
+            observer.in_use(checked_out=self.checkedout(), overflow=max(self.overflow(), 0))
+
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        super()._do_return_conn(record)
+        if self.observer is not None:
+            self.observer.in_use(checked_out=self.checkedout(), overflow=max(self.overflow(), 0))
+
+    def recreate(self) -> FairAsyncQueuePool:
+        """`engine.dispose()` swaps in a new pool: it reports to the same observer."""
+        pool: FairAsyncQueuePool = super().recreate()  # type: ignore[assignment]
+        pool.observer = self.observer
+        return pool
 
 
 def terminate_idle(pool: Pool) -> int:
