@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return serve(settings, graceful_shutdown_seconds=args.graceful_timeout)
+    except StartupError as exc:
+        logger.error("startup failed: %s", exc)
+        return 1
     except OSError as exc:
         logger.error("PORT: cannot listen on 0.0.0.0:%d: %s", settings.port, exc.strerror)
         return 1

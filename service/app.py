@@ -14,10 +14,12 @@ from starlette.types import ASGIApp
 
 from service.config import Settings, load_settings
 from service.lifespan import Lifespan
+from service.metrics import MetricsMiddleware
 from service.middleware import BearerAuthMiddleware, DBSessionMiddleware, RequestContextMiddleware
 from service.openapi import openapi_document, operation
 from service.problems import EXCEPTION_HANDLERS
 from service.routes import all_routes
+from service.routes import metrics as metrics_routes
 from service.routing import MethodRoute
 
 TITLE = "Conversation store"
@@ -43,9 +45,13 @@ async def read_openapi(request: Request) -> Response:
 def create_app(settings: Settings | None = None) -> ASGIApp:
     """Build the ASGI app; with no settings given, read them from the environment."""
     settings = settings if settings is not None else load_settings()
+    # /metrics is an operator's endpoint, outside the API's OpenAPI document.
+    extra_routes = metrics_routes.ROUTES if settings.metrics_enabled else []
+    outermost = [Middleware(MetricsMiddleware)] if settings.metrics_enabled else []
     app = Starlette(
-        routes=_routes(),
+        routes=[*_routes(), *extra_routes],
         middleware=[
+            *outermost,
             Middleware(RequestContextMiddleware),
             Middleware(BearerAuthMiddleware, api_keys=settings.api_keys),
             Middleware(DBSessionMiddleware),

@@ -13,10 +13,12 @@ from starlette.responses import JSONResponse, Response
 from service.errors import (
     UNREACHABLE,
     ServiceError,
+    ServiceUnavailable,
     from_database_error,
     is_transaction_conflict,
     sqlstate_of,
 )
+from service.metrics import record_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ def problem_response(
 
 
 def render_service_error(error: ServiceError, request_id: str) -> Response:
+    if isinstance(error, ServiceUnavailable):
+        record_unavailable(error.cause)
     return problem_response(
         error.status,
         detail=error.detail,

@@ -4,13 +4,21 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import uvicorn
+from prometheus_client.multiprocess import mark_process_dead
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from service.config import Settings
+from service.lifespan import StartupError
 from service.logs import logging_config
 
 logger = logging.getLogger(__name__)
@@ -32,6 +40,63 @@ def listen(port: int) -> socket.socket:
     sock.bind(("0.0.0.0", port))
     sock.set_inheritable(True)
     return sock
+
+
+@contextmanager
+def metrics_directory(settings: Settings) -> Iterator[None]:
+    """Where every worker writes its metrics, so that one scrape can sum them.
+
+    PROMETHEUS_MULTIPROC_DIR when set, emptied first (an earlier run's files would
+    add to this run's counts); otherwise, with several workers, a new temporary
+    directory for this dyno, removed at exit. It is exported here, before any
+    worker starts, because prometheus-client reads it when a worker imports it.
+    One worker without the variable keeps its metrics in memory.
+    """
+    configured = settings.prometheus_multiproc_dir
+    if not settings.metrics_enabled or (configured is None and settings.web_concurrency == 1):
+        yield
+        return
+    if configured is None:
+        directory = tempfile.mkdtemp(prefix="service-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        try:
+            yield
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        return
+    try:
+        Path(configured).mkdir(parents=True, exist_ok=True)
+        for stale in Path(configured).glob("*.db"):
+            stale.unlink()
+    except OSError as exc:
+        raise StartupError(
+            f"PROMETHEUS_MULTIPROC_DIR: cannot use {configured}: {exc.strerror}"
+        ) from exc
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = configured  # it may have come from .env
+    yield
+
+
+class WorkerSupervisor(Multiprocess):
+    """uvicorn's supervisor, which also tells prometheus-client when a worker has
+    gone (died and replaced, or restarted), so that the live gauges (requests in
+    flight, pool figures) stop counting it; its counters still count."""
+
+    def keep_subprocess_alive(self) -> None:
+        with self._reporting_exits():
+            super().keep_subprocess_alive()
+
+    def restart_all(self) -> None:
+        with self._reporting_exits():
+            super().restart_all()
+
+    @contextmanager
+    def _reporting_exits(self) -> Iterator[None]:
+        before = {process.pid for process in self.processes}
+        yield
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            for pid in before - {process.pid for process in self.processes}:
+                if pid is not None:
+                    mark_process_dead(pid)
 
 
 def serve(settings: Settings, *, graceful_shutdown_seconds: int) -> int:
@@ -57,11 +122,12 @@ def serve(settings: Settings, *, graceful_shutdown_seconds: int) -> int:
         settings.web_concurrency,
         settings.web_concurrency * settings.connections_per_process,
     )
-    if config.workers == 1:
-        uvicorn.Server(config).run(sockets=[sock])  # exits STARTUP_FAILURE itself
-        return 0
-    supervisor = Multiprocess(config, sockets=[sock])
-    supervisor.run()
+    with metrics_directory(settings):
+        if config.workers == 1:
+            uvicorn.Server(config).run(sockets=[sock])  # exits STARTUP_FAILURE itself
+            return 0
+        supervisor = WorkerSupervisor(config, sockets=[sock])
+        supervisor.run()
     # The supervisor stops when a worker fails to start, but returns as after a
     # SIGTERM: the platform must see the failure to restart the dyno.
     if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
