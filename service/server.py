@@ -47,13 +47,13 @@ def metrics_directory(settings: Settings) -> Iterator[None]:
     """Where every worker writes its metrics, so that one scrape can sum them.
 
     PROMETHEUS_MULTIPROC_DIR when set, emptied first (an earlier run's files would
-    add to this run's counts); otherwise, with several workers, a new temporary
-    directory for this dyno, removed at exit. It is exported here, before any
-    worker starts, because prometheus-client reads it when a worker imports it.
-    One worker without the variable keeps its metrics in memory.
+    add to this run's counts); otherwise a new temporary directory for this dyno,
+    removed at exit. It is exported here, before any worker starts, because
+    prometheus-client reads it when a worker imports it. (A single worker started
+    without the variable keeps its metrics in memory and leaves the directory empty.)
     """
     configured = settings.prometheus_multiproc_dir
-    if not settings.metrics_enabled or (configured is None and settings.web_concurrency == 1):
+    if not settings.metrics_enabled:
         yield
         return
     if configured is None:

@@ -311,3 +311,26 @@ def test_pool_figures_and_timeouts_move(postgres_url: str, tmp_path: Path) -> No
     assert moved("http_unavailable_total", cause="statement_timeout") == 1
     assert moved("http_unavailable_total", cause="database_down") == 0
     assert moved("http_request_duration_seconds_sum", route="/users", status_class="5xx") >= 2
+
+
+def test_an_empty_directory_variable_means_the_default(tmp_path: Path) -> None:
+    """PROMETHEUS_MULTIPROC_DIR= (as a copied .env may have it) with one worker:
+    prometheus-client treats it as set, so the server must give it a directory."""
+    with running_service({"PROMETHEUS_MULTIPROC_DIR": ""}, tmp_path=tmp_path) as service:
+        for _ in range(5):
+            httpx.get(f"{service.base_url}/health/live")
+        samples = scrape(service.base_url)
+
+    assert value(samples, "http_requests_total", route="/health/live") >= 5
+    assert not list(tmp_path.glob("counter_*.db"))  # no metrics files in the working directory
+
+
+def test_an_unusable_directory_stops_startup_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "a-file" / "metrics")}
+    with running_service(env, tmp_path=tmp_path, wait=False) as service:
+        service.process.wait(timeout=30)
+
+    assert service.process.returncode == 1
+    assert "PROMETHEUS_MULTIPROC_DIR: cannot use" in service.log()
+    assert "Traceback" not in service.log()
