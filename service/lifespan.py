@@ -26,7 +26,7 @@ from service.db import (
     init_db,
 )
 from service.errors import from_database_error
-from service.metrics import observe_pool
+from service.metrics import observe_pool, record_replica_lag
 
 logger = logging.getLogger(__name__)
 # Well inside the 60 s a platform gives a process to bind its port.
@@ -175,13 +175,17 @@ class Lifespan:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
         log_connection_budget(self.settings)
+        if not self.settings.api_keys:
+            logger.warning("API_KEYS is not set: every route is open to anyone who can reach it")
+        replicas = await start_replicas(self.settings)
         if self.settings.metrics_enabled:
             # Here, in the worker, not in `start`: the server's parent process runs
             # `start` too, and must not count a pool it closes at once.
             observe_pool(engine.pool, name="primary")  # type: ignore[arg-type]
-        if not self.settings.api_keys:
-            logger.warning("API_KEYS is not set: every route is open to anyone who can reach it")
-        replicas = await start_replicas(self.settings)
+            if replicas is not None:
+                replicas.on_lag = record_replica_lag
+                for replica in replicas.replicas:
+                    observe_pool(replica.engine.pool, name=replica.name)  # type: ignore[arg-type]
         scope.setdefault("state", {}).update(
             settings=self.settings,
             engine=engine,

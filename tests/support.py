@@ -22,6 +22,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
 REPO = Path(__file__).resolve().parent.parent
@@ -291,3 +292,28 @@ def assert_ids_and_times(body: dict[str, object], *, ids: list[str], times: list
         assert uuid.UUID(str(body[name])).version == 4, f"{name}: {body[name]!r}"
     for name in times:
         parse_time(str(body[name]))
+
+
+# Prometheus samples by (sample name, its labels).
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_metrics(text: str) -> Samples:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+def scrape(base_url: str, **headers: str) -> Samples:
+    """One GET /metrics of a running service, parsed."""
+    response = httpx.get(f"{base_url}/metrics", headers=headers, timeout=10)
+    assert response.status_code == 200, response.text
+    return parse_metrics(response.text)

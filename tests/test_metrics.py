@@ -17,7 +17,6 @@ import asyncpg
 import httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 from starlette.testclient import TestClient
 
@@ -26,29 +25,14 @@ from service.metrics import record_idempotent_replay, record_replica_lag
 from tests.conftest import make_settings
 from tests.factories import create_user, user_body
 from tests.proxy import Mode, TcpProxy
-from tests.support import ServiceProcess, running_service
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of the samples called `name` whose labels include `labels`."""
-    wanted = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
-
-
-def scrape(base_url: str, **headers: str) -> Samples:
-    response = httpx.get(f"{base_url}/metrics", headers=headers, timeout=10)
-    assert response.status_code == 200, response.text
-    return parse(response.text)
+from tests.support import (
+    Samples,
+    ServiceProcess,
+    metric,
+    parse_metrics,
+    running_service,
+    scrape,
+)
 
 
 def worker_pids(service: ServiceProcess) -> set[int]:
@@ -87,7 +71,7 @@ def sqlite_client(tmp_path: Path) -> Iterator[TestClient]:
 
 
 def test_labels_are_route_templates_never_raw_paths(sqlite_client: TestClient) -> None:
-    before = parse(sqlite_client.get("/metrics").text)
+    before = parse_metrics(sqlite_client.get("/metrics").text)
     user = create_user(sqlite_client)
     sqlite_client.get(f"/users/{user['uid']}")
     sqlite_client.get(f"/users/{uuid.uuid4()}")  # 404 from the handler: still the template
@@ -95,10 +79,10 @@ def test_labels_are_route_templates_never_raw_paths(sqlite_client: TestClient) -
     sqlite_client.get(f"/no/such/{uuid.uuid4()}")
     sqlite_client.request("BREW", "/users")
     response = sqlite_client.get("/metrics")
-    after = parse(response.text)
+    after = parse_metrics(response.text)
 
     def moved(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+        return metric(after, name, **labels) - metric(before, name, **labels)
 
     assert response.headers["content-type"].startswith("text/plain")
     assert moved("http_requests_total", method="GET", route="/users/{uid}", status_class="2xx")
@@ -113,7 +97,7 @@ def test_labels_are_route_templates_never_raw_paths(sqlite_client: TestClient) -
 
 
 def test_latency_buckets_resolve_sub_millisecond_to_seconds(sqlite_client: TestClient) -> None:
-    samples = parse(sqlite_client.get("/metrics").text)
+    samples = parse_metrics(sqlite_client.get("/metrics").text)
     bounds = {
         float(dict(labels)["le"])
         for name, labels in samples
@@ -126,13 +110,14 @@ def test_latency_buckets_resolve_sub_millisecond_to_seconds(sqlite_client: TestC
 
 
 def test_hooks_for_replicas_and_idempotency_show_in_the_scrape(sqlite_client: TestClient) -> None:
-    before = parse(sqlite_client.get("/metrics").text)
+    before = parse_metrics(sqlite_client.get("/metrics").text)
     record_idempotent_replay()
     record_replica_lag("replica-1", 0.25)
-    after = parse(sqlite_client.get("/metrics").text)
+    after = parse_metrics(sqlite_client.get("/metrics").text)
 
-    assert value(after, "idempotent_replays_total") - value(before, "idempotent_replays_total") == 1
-    assert value(after, "db_replica_lag_seconds", replica="replica-1") == 0.25
+    replays = metric(after, "idempotent_replays_total") - metric(before, "idempotent_replays_total")
+    assert replays == 1
+    assert metric(after, "db_replica_lag_seconds", replica="replica-1") == 0.25
 
 
 def test_metrics_follow_the_bearer_rule(tmp_path: Path) -> None:
@@ -175,13 +160,13 @@ def test_every_scrape_sums_every_worker(postgres_url: str, tmp_path: Path) -> No
             statuses = list(pool.map(lambda _: httpx.get(live).status_code, range(requests)))
         per_worker = requests_counted_per_file(directory)
         scrapes = [scrape(service.base_url) for _ in range(20)]
-        pool_size = value(scrapes[-1], "db_pool_size", pool="primary")
+        pool_size = metric(scrapes[-1], "db_pool_size", pool="primary")
 
     assert statuses == [200] * requests
     busy = [count for count in per_worker.values() if count > 0]
     assert len(busy) == 2, per_worker  # both workers served some of them
     for samples in scrapes:
-        assert value(samples, "http_requests_total", route="/health/live") >= requests
+        assert metric(samples, "http_requests_total", route="/health/live") >= requests
     assert pool_size == 10  # 5 per worker, both alive
 
 
@@ -211,9 +196,9 @@ def test_a_dead_worker_keeps_its_counts_and_leaves_the_live_gauges(
     assert victim not in replacement and len(replacement) == 1
 
     for samples in scrapes:
-        assert value(samples, "http_requests_total", route="/health/live") >= requests
-        assert value(samples, "db_pool_size", pool="primary") == 10  # not 15: the dead one left
-        assert value(samples, "http_requests_in_flight") == 1  # this scrape
+        assert metric(samples, "http_requests_total", route="/health/live") >= requests
+        assert metric(samples, "db_pool_size", pool="primary") == 10  # not 15: the dead one left
+        assert metric(samples, "http_requests_in_flight") == 1  # this scrape
 
 
 @pytest.mark.postgres
@@ -226,9 +211,9 @@ def test_a_configured_directory_is_emptied_at_startup(postgres_url: str, tmp_pat
     with running_service(env, tmp_path=tmp_path) as service:
         for _ in range(30):
             httpx.get(f"{service.base_url}/health/live")
-        first_run = value(scrape(service.base_url), "http_requests_total", route="/health/live")
+        first_run = metric(scrape(service.base_url), "http_requests_total", route="/health/live")
     with running_service(env, tmp_path=tmp_path) as service:
-        second_run = value(scrape(service.base_url), "http_requests_total", route="/health/live")
+        second_run = metric(scrape(service.base_url), "http_requests_total", route="/health/live")
 
     assert first_run >= 30
     assert second_run < 30  # only this run's readiness polls
@@ -254,11 +239,11 @@ def test_metrics_answer_while_the_database_is_down(postgres_url: str, tmp_path: 
     assert down.status_code == 503
     assert took < 2
     assert unauthorised.status_code == 401
-    down_counted = value(after, "http_unavailable_total", cause="database_down") - value(
+    down_counted = metric(after, "http_unavailable_total", cause="database_down") - metric(
         before, "http_unavailable_total", cause="database_down"
     )
     assert down_counted == 1
-    assert value(after, "http_requests_total", route="/users", status_class="5xx") >= 1
+    assert metric(after, "http_requests_total", route="/users", status_class="5xx") >= 1
 
 
 @pytest.mark.postgres
@@ -276,19 +261,19 @@ def test_pool_figures_and_timeouts_move(postgres_url: str, tmp_path: Path) -> No
 
     async def scenario(base_url: str) -> tuple[Samples, Samples, int, int, Samples]:
         async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
-            before = parse((await client.get("/metrics")).text)
+            before = parse_metrics((await client.get("/metrics")).text)
             locker = await asyncpg.connect(make_url(postgres_url).render_as_string(False))
             try:
                 async with locker.transaction():
                     await locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
                     stuck = asyncio.create_task(client.get("/users"))
                     await asyncio.sleep(0.3)
-                    during = parse((await client.get("/metrics")).text)
+                    during = parse_metrics((await client.get("/metrics")).text)
                     refused = await client.get("/users")
                     stuck_status = (await stuck).status_code
             finally:
                 await locker.close()
-            after = parse((await client.get("/metrics")).text)
+            after = parse_metrics((await client.get("/metrics")).text)
         return before, during, refused.status_code, stuck_status, after
 
     with running_service(env, tmp_path=tmp_path) as service:
@@ -296,14 +281,14 @@ def test_pool_figures_and_timeouts_move(postgres_url: str, tmp_path: Path) -> No
         before, during, refused, stuck, after = asyncio.run(scenario(service.base_url))
 
     def moved(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+        return metric(after, name, **labels) - metric(before, name, **labels)
 
     assert (refused, stuck) == (503, 503)
-    assert value(during, "db_pool_size", pool="primary") == 1
-    assert value(during, "db_pool_checked_out", pool="primary") == 1
-    assert value(during, "http_requests_in_flight") == 2  # the stuck read and the scrape
-    assert value(after, "db_pool_checked_out", pool="primary") == 0
-    assert value(after, "db_pool_overflow", pool="primary") == 0
+    assert metric(during, "db_pool_size", pool="primary") == 1
+    assert metric(during, "db_pool_checked_out", pool="primary") == 1
+    assert metric(during, "http_requests_in_flight") == 2  # the stuck read and the scrape
+    assert metric(after, "db_pool_checked_out", pool="primary") == 0
+    assert metric(after, "db_pool_overflow", pool="primary") == 0
     assert moved("db_pool_timeouts_total", pool="primary") == 1
     assert moved("db_pool_wait_seconds_count", pool="primary") == 1
     assert moved("db_pool_wait_seconds_sum", pool="primary") >= 0.4
@@ -321,7 +306,7 @@ def test_an_empty_directory_variable_means_the_default(tmp_path: Path) -> None:
             httpx.get(f"{service.base_url}/health/live")
         samples = scrape(service.base_url)
 
-    assert value(samples, "http_requests_total", route="/health/live") >= 5
+    assert metric(samples, "http_requests_total", route="/health/live") >= 5
     assert not list(tmp_path.glob("counter_*.db"))  # no metrics files in the working directory
 
 

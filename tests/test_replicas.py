@@ -22,7 +22,7 @@ from service.consistency import presented_token
 from service.db import ReplicaSet, format_lsn, parse_lsn
 from tests.factories import user_body
 from tests.replica_cluster import Cluster, running_cluster
-from tests.support import ServiceProcess, execute, fetch_value, running_service
+from tests.support import ServiceProcess, execute, fetch_value, metric, running_service, scrape
 
 pytestmark = pytest.mark.postgres
 
@@ -251,6 +251,34 @@ def test_a_replica_behind_the_bound_gets_no_reads_until_it_catches_up(
     assert lagging["status"] == "warn"
     assert lagging["lag_ms"] > 2000
     assert caught_up["lag_ms"] == 0
+
+
+@pytest.mark.process
+def test_the_replica_pool_and_lag_are_in_the_metrics(
+    service_with_replica: ServiceProcess, databases: Databases
+) -> None:
+    service = service_with_replica
+    base = service.base_url
+    name = replica_health(service)["name"]
+    uid = httpx.post(f"{base}/users", json=user_body()).json()["uid"]
+    wait_for(lambda: httpx.get(f"{base}/users/{uid}").status_code == 200, "the replica to serve")
+    level = scrape(base)
+    pause_replay(databases)
+    httpx.post(f"{base}/users", json=user_body())
+    behind = wait_for(
+        lambda: (s := scrape(base)) and metric(s, "db_replica_lag_seconds", replica=name) > 1 and s,
+        "the lag to show",
+    )
+    resume_replay(databases)
+    wait_for(
+        lambda: metric(scrape(base), "db_replica_lag_seconds", replica=name) == 0, "no lag again"
+    )
+
+    assert metric(level, "db_pool_size", pool=name) == 5
+    assert metric(level, "db_pool_size", pool="primary") == 5
+    assert metric(level, "db_pool_checked_out", pool=name) == 0
+    assert metric(level, "db_replica_lag_seconds", replica=name) == 0
+    assert metric(behind, "db_replica_lag_seconds", replica=name) > 1
 
 
 @pytest.mark.process

@@ -25,7 +25,7 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +105,8 @@ class ReplicaSet:
     # (monotonic time before asking, the primary's position then), oldest first.
     samples: deque[tuple[float, int]] = field(default_factory=deque)
     primary_error: str | None = None
+    # Told each replica's lag after every poll (the metrics' `record_replica_lag`).
+    on_lag: Callable[[str, float], None] | None = None
     _turns: Iterator[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -147,6 +149,10 @@ class ReplicaSet:
         ):
             self.samples.popleft()
         await asyncio.gather(*(self._poll_replica(replica) for replica in self.replicas))
+        if self.on_lag is not None:
+            now = time.monotonic()
+            for replica in self.replicas:
+                self.on_lag(replica.name, replica.lag_seconds(now))
 
     async def run(self) -> None:
         """Poll until cancelled (at shutdown)."""
