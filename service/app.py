@@ -14,7 +14,7 @@ from starlette.types import ASGIApp
 
 from service.config import Settings, load_settings
 from service.lifespan import Lifespan
-from service.metrics import MetricsMiddleware
+from service.metrics import metrics
 from service.middleware import BearerAuthMiddleware, DBSessionMiddleware, RequestContextMiddleware
 from service.openapi import openapi_document, operation
 from service.problems import EXCEPTION_HANDLERS
@@ -47,12 +47,13 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     settings = settings if settings is not None else load_settings()
     # /metrics is an operator's endpoint, outside the API's OpenAPI document.
     extra_routes = metrics_routes.ROUTES if settings.metrics_enabled else []
-    outermost = [Middleware(MetricsMiddleware)] if settings.metrics_enabled else []
     app = Starlette(
         routes=[*_routes(), *extra_routes],
         middleware=[
-            *outermost,
-            Middleware(RequestContextMiddleware),
+            Middleware(
+                RequestContextMiddleware,
+                metrics=metrics() if settings.metrics_enabled else None,
+            ),
             Middleware(BearerAuthMiddleware, api_keys=settings.api_keys),
             Middleware(DBSessionMiddleware),
         ],

@@ -19,14 +19,13 @@ worker without that directory keeps its values in memory.
 
 from __future__ import annotations
 
-import time
+from contextvars import Token
 from functools import cache
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.db.pool import FairAsyncQueuePool
 from service.errors import UNAVAILABLE_CAUSES, UnavailableCause
@@ -42,8 +41,7 @@ REQUEST_LABELS = ("method", "route", "status_class")
 # and a path no route matched as "unmatched", never as itself.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "unmatched"
-# The status of a request whose client went away before any response (nginx's code).
-CLIENT_CLOSED = 499
+CLIENT_CLOSED = 499  # nginx's status for a client that left before any response
 
 RequestChildren = tuple[Any, Any]  # a counter's and a histogram's bound children
 
@@ -126,16 +124,24 @@ class Metrics:
         )
         self._request_children: dict[tuple[str, str, int], RequestChildren] = {}
 
-    def request_done(self, method: str, route: str, status: int, seconds: float) -> None:
-        """Count and time one request; label lookups are cached per (method, route, status)."""
-        key = (method, route, status)
+    def request_started(self) -> Token[str | None]:
+        """A request is in flight; from here the router records the route it takes."""
+        self.in_flight.inc()
+        return ROUTE_TEMPLATE.set(None)
+
+    def request_done(
+        self, started: Token[str | None], *, method: str, status: int | None, seconds: float
+    ) -> None:
+        """Count and time the request; label lookups are cached per (method, route, status).
+        No status means no response was sent: the client went away (or the server
+        is stopping), counted as nginx's 499."""
+        route = ROUTE_TEMPLATE.get() or UNMATCHED_ROUTE
+        ROUTE_TEMPLATE.reset(started)
+        self.in_flight.dec()
+        key = (method, route, status or CLIENT_CLOSED)
         children = self._request_children.get(key)
         if children is None:
-            labels = (
-                method if method in METHODS else "other",
-                route,
-                f"{status // 100}xx",
-            )
+            labels = (method if method in METHODS else "other", route, f"{key[2] // 100}xx")
             children = self.requests.labels(*labels), self.duration.labels(*labels)
             self._request_children[key] = children
         children[0].inc()
@@ -157,52 +163,6 @@ def metrics() -> Metrics:
     """The process's metrics, built on first use: in a worker, after the server has
     set PROMETHEUS_MULTIPROC_DIR, never at import time."""
     return Metrics()
-
-
-class MetricsMiddleware:
-    """Counts and times every HTTP request by method, route template and status class.
-
-    It is the outermost layer, so it also sees the 401s of bearer auth and the
-    last-resort 500s of the request-context layer, and times them all.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.metrics = metrics()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status: int | None = None
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        token = ROUTE_TEMPLATE.set(None)
-        in_flight = self.metrics.in_flight
-        in_flight.inc()
-        started = time.perf_counter()
-        failed = False
-        try:
-            await self.app(scope, receive, send_with_status)
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            if status is None:
-                status = 500 if failed else CLIENT_CLOSED
-            self.metrics.request_done(
-                scope["method"],
-                ROUTE_TEMPLATE.get() or UNMATCHED_ROUTE,
-                status,
-                time.perf_counter() - started,
-            )
-            in_flight.dec()
-            ROUTE_TEMPLATE.reset(token)
 
 
 class PoolMetrics:

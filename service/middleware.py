@@ -1,4 +1,4 @@
-"""Plain ASGI middleware: request context, bearer auth, and the per-request session.
+"""Plain ASGI middleware: request context (and metrics), bearer auth, and the per-request session.
 
 Order, outermost first: RequestContextMiddleware -> BearerAuthMiddleware ->
 DBSessionMiddleware -> Starlette's exception handling -> router. Each passes
@@ -29,6 +29,7 @@ from service.consistency import attach_token, presented_token, write_position
 from service.db import ReadOnlySession, Replica, ReplicaSet
 from service.errors import UNREACHABLE, Unauthorized
 from service.logs import REQUEST_ID
+from service.metrics import Metrics
 from service.problems import internal_error_response, render_service_error
 
 logger = logging.getLogger(__name__)
@@ -57,15 +58,19 @@ def with_state(scope: Scope, **values: object) -> Scope:
 
 
 class RequestContextMiddleware:
-    """Request id, one access-log line per request, and the last-resort 500.
+    """Request id, one access-log line per request, the last-resort 500, and the
+    request metrics (when given `metrics`).
 
     Being the outermost of ours (only Starlette's own error safety net wraps
     it), it sees every response, so the request id lands in every response
-    header, problem body and log line.
+    header, problem body and log line, and every response is counted. (The
+    metrics live here rather than in a layer of their own, which measured
+    about 1.5 µs a request more, a third of the whole cost.)
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,6 +80,8 @@ class RequestContextMiddleware:
         request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         token = REQUEST_ID.set(request_id)
         scope = with_state(scope, request_id=request_id)
+        metrics = self.metrics
+        route_token = metrics.request_started() if metrics is not None else None
         started_at = time.perf_counter()
         status: int | None = None
 
@@ -102,6 +109,13 @@ class RequestContextMiddleware:
                 status or "-",
                 (time.perf_counter() - started_at) * 1000,
             )
+            if metrics is not None and route_token is not None:
+                metrics.request_done(
+                    route_token,
+                    method=scope["method"],
+                    status=status,
+                    seconds=time.perf_counter() - started_at,
+                )
             REQUEST_ID.reset(token)
 
 
