@@ -5,7 +5,8 @@ service with it off, in one run, on /health/live and a read.
 
 Both run from the Procfile's `web:` command on one seeded database and are loaded
 by wrk in interleaved rounds (the order flips every round, so a slow minute of
-the machine hits both alike). It prints the median req/s of each and the ratio
+the machine hits both alike); both servers share one core and wrk has the
+others. It prints the median req/s of each and the ratio
 on/off per round and its median (the issue's goal: at least 0.95), and the CPU
 time the server used per request, whose ratio off/on is the throughput one worker
 could keep with metrics on. On a busy machine (see the load average printed) the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -49,16 +51,21 @@ WORKLOADS = ("live", "read")
 TARGETS = ("on", "off")
 WARMUP_SECONDS = 2
 GOAL = 0.95
+# Servers on one core, this script and wrk on the others, when there are two or more.
+PINNED = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+SERVER_CPU = 1
 
 Run = tuple[WrkResult, float]  # wrk's figures, and server CPU microseconds per request
 
 
 def start(name: str, url: str, logs: Path, *, enabled: bool, workers: int) -> Server:
+    """Both servers on the same core (SERVER_CPU), so neither gets a better seat."""
     port = free_port()
     env = service_env(url, port=port, workers=workers)
     env["METRICS_ENABLED"] = "true" if enabled else "false"
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the service's own default
-    return spawn(name, ["/bin/sh", "-c", web_command()], env, port, logs)
+    pin = ["taskset", "-c", str(SERVER_CPU)] if PINNED else []
+    return spawn(name, [*pin, "/bin/sh", "-c", web_command()], env, port, logs)
 
 
 def measure(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[str]:
@@ -123,10 +130,11 @@ def report(
         "workload", "on req/s", "off req/s", "on/off per round", "median on/off",
         "CPU µs/request on / off", "CPU off/on", "goal 0.95 (CPU)",
     ]  # fmt: skip
+    seat = f" on CPU {SERVER_CPU}" if PINNED else ""
     return [
         f"# Metrics cost ({git_commit()})",
         "",
-        f"{args.workers} worker(s), {args.rounds} rounds of {args.duration} s per target "
+        f"{args.workers} worker(s){seat}, {args.rounds} rounds of {args.duration} s per target "
         f"and workload; load average {' → '.join(f'{x:.1f}' for x in loads)}.",
         "",
         *markdown_table(header, rows),
@@ -145,6 +153,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     reexec_in_venv()
     args = parse_args()
+    if PINNED:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) - {SERVER_CPU})  # wrk inherits
     with cleanup_on_exit() as stack:
         lines = measure(args, stack)
     print("\n".join(lines))

@@ -48,7 +48,7 @@ class Settings:
     log_level: str = "info"
     metrics_enabled: bool = True
     # Where every worker keeps its metrics so that one scrape sums them; unset: a
-    # new temporary directory per dyno.
+    # new temporary directory per dyno (one worker keeps them in memory).
     prometheus_multiproc_dir: str | None = None
     # True when the URL came from DATABASE_CONNECTION_POOL_URL (a hosted PgBouncer).
     via_connection_pool: bool = False

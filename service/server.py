@@ -47,13 +47,15 @@ def metrics_directory(settings: Settings) -> Iterator[None]:
     """Where every worker writes its metrics, so that one scrape can sum them.
 
     PROMETHEUS_MULTIPROC_DIR when set, emptied first (an earlier run's files would
-    add to this run's counts); otherwise a new temporary directory for this dyno,
-    removed at exit. It is exported here, before any worker starts, because
-    prometheus-client reads it when a worker imports it. (A single worker started
-    without the variable keeps its metrics in memory and leaves the directory empty.)
+    add to this run's counts); otherwise, with several workers, a new temporary
+    directory for this dyno, removed at exit. It is exported here, before any
+    worker starts, because prometheus-client reads it when a worker imports it.
+    One worker keeps its metrics in memory, unless the variable is present but
+    empty: prometheus-client then counts it as set, and it gets a directory too.
     """
     configured = settings.prometheus_multiproc_dir
-    if not settings.metrics_enabled:
+    in_memory = settings.web_concurrency == 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    if not settings.metrics_enabled or (configured is None and in_memory):
         yield
         return
     if configured is None:
