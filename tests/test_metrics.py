@@ -143,6 +143,7 @@ def test_metrics_enabled_false_means_no_route(tmp_path: Path) -> None:
 # -- real processes ------------------------------------------------------------
 
 
+@pytest.mark.process
 @pytest.mark.postgres
 def test_every_scrape_sums_every_worker(postgres_url: str, tmp_path: Path) -> None:
     """N requests on new connections land on both workers; whichever worker answers a
@@ -170,6 +171,7 @@ def test_every_scrape_sums_every_worker(postgres_url: str, tmp_path: Path) -> No
     assert pool_size == 10  # 5 per worker, both alive
 
 
+@pytest.mark.process
 @pytest.mark.postgres
 def test_a_dead_worker_keeps_its_counts_and_leaves_the_live_gauges(
     postgres_url: str, tmp_path: Path
@@ -201,6 +203,7 @@ def test_a_dead_worker_keeps_its_counts_and_leaves_the_live_gauges(
         assert metric(samples, "http_requests_in_flight") == 1  # this scrape
 
 
+@pytest.mark.process
 @pytest.mark.postgres
 def test_a_configured_directory_is_emptied_at_startup(postgres_url: str, tmp_path: Path) -> None:
     env = {
@@ -219,6 +222,7 @@ def test_a_configured_directory_is_emptied_at_startup(postgres_url: str, tmp_pat
     assert second_run < 30  # only this run's readiness polls
 
 
+@pytest.mark.process
 @pytest.mark.postgres
 def test_metrics_answer_while_the_database_is_down(postgres_url: str, tmp_path: Path) -> None:
     url = make_url(postgres_url)
@@ -246,6 +250,7 @@ def test_metrics_answer_while_the_database_is_down(postgres_url: str, tmp_path: 
     assert metric(after, "http_requests_total", route="/users", status_class="5xx") >= 1
 
 
+@pytest.mark.process
 @pytest.mark.postgres
 def test_pool_figures_and_timeouts_move(postgres_url: str, tmp_path: Path) -> None:
     """One pooled connection, held by a read stuck behind a table lock: the pool
@@ -298,6 +303,7 @@ def test_pool_figures_and_timeouts_move(postgres_url: str, tmp_path: Path) -> No
     assert moved("http_request_duration_seconds_sum", route="/users", status_class="5xx") >= 2
 
 
+@pytest.mark.process
 def test_an_empty_directory_variable_means_the_default(tmp_path: Path) -> None:
     """PROMETHEUS_MULTIPROC_DIR= (as a copied .env may have it) with one worker:
     prometheus-client treats it as set, so the server must give it a directory."""
@@ -310,6 +316,7 @@ def test_an_empty_directory_variable_means_the_default(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("counter_*.db"))  # no metrics files in the working directory
 
 
+@pytest.mark.process
 def test_an_unusable_directory_stops_startup_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "a-file" / "metrics")}
