@@ -50,6 +50,7 @@ class Settings:
     # Where every worker keeps its metrics so that one scrape sums them; unset: a
     # new temporary directory per dyno (one worker keeps them in memory).
     prometheus_multiproc_dir: str | None = None
+    idempotency_ttl_seconds: int = 86400
     # True when the URL came from DATABASE_CONNECTION_POOL_URL (a hosted PgBouncer).
     via_connection_pool: bool = False
     database_replica_urls: tuple[URL, ...] = ()
@@ -149,6 +150,7 @@ def load_settings(*, env_file: str | Path | None = ".env") -> Settings:
         "db_replica_max_lag_ms": env.int("DB_REPLICA_MAX_LAG_MS", 5000, validate=positive),
         "metrics_enabled": env.bool("METRICS_ENABLED", True),
         "prometheus_multiproc_dir": env.str("PROMETHEUS_MULTIPROC_DIR", None),
+        "idempotency_ttl_seconds": env.int("IDEMPOTENCY_TTL_SECONDS", 86400, validate=positive),
     }
     raw_url = env.str("DATABASE_URL", DEFAULT_DATABASE_URL)
     # A hosted PgBouncer attaches this beside DATABASE_URL; when present it wins,
@@ -198,6 +200,7 @@ def load_settings(*, env_file: str | Path | None = ".env") -> Settings:
         log_level=values["log_level"].lower(),
         metrics_enabled=values["metrics_enabled"],
         prometheus_multiproc_dir=values["prometheus_multiproc_dir"] or None,
+        idempotency_ttl_seconds=values["idempotency_ttl_seconds"],
         via_connection_pool=bool(pool_url),
         database_replica_urls=replica_urls,
         db_replica_max_lag_ms=values["db_replica_max_lag_ms"],

@@ -45,9 +45,10 @@ async def _read_limited(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _read_body_once(request: Request) -> bytes:
+async def read_bytes(request: Request) -> bytes:
     """The body, read from the client once and kept in the request's state, so a
-    handler run again (after a deadlock) parses the same bytes."""
+    handler run again (after a deadlock) parses the same bytes, and an
+    Idempotency-Key check can fingerprint them before the handler parses them."""
     state = request.scope["state"]
     if "body" not in state:
         state["body"] = await _read_limited(request, state["settings"].max_body_bytes)
@@ -59,7 +60,7 @@ async def read_body(request: Request, model: type[ModelT]) -> ModelT:
     """Parse the body as `model`: 415 not JSON, 413 too large, 400 malformed, 422 invalid."""
     if not _is_json(request.headers.get("content-type", "")):
         raise UnsupportedMediaType("the body must be application/json")
-    body = await _read_body_once(request)
+    body = await read_bytes(request)
     try:
         data = json.loads(body)
     except ValueError as exc:  # includes bodies that are not UTF-8

@@ -119,6 +119,12 @@ class RequestContextMiddleware:
             REQUEST_ID.reset(token)
 
 
+def bearer_token(headers: Headers) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, if there is one."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
 class BearerAuthMiddleware:
     """Requires `Authorization: Bearer <key>` on every route but /health*, when keys are set."""
 
@@ -130,8 +136,8 @@ class BearerAuthMiddleware:
         if scope["type"] != "http" or not self.api_keys or is_open_path(scope["path"]):
             await self.app(scope, receive, send)
             return
-        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and self._is_known(token.strip().encode()):
+        token = bearer_token(Headers(scope=scope))
+        if token is not None and self._is_known(token.encode()):
             await self.app(scope, receive, send)
             return
         error = Unauthorized("a valid bearer token is required in the Authorization header")

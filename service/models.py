@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, ConfigDict, EmailStr, StringConstraints, model_validator
-from sqlalchemy import Column, ForeignKey, Index, String, Text, func
+from sqlalchemy import Column, ForeignKey, Index, Integer, LargeBinary, String, Text, func
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -283,3 +283,27 @@ class MessagePublic(SQLModel):
 class MessagePage(SQLModel):
     items: list[MessagePublic]
     next_cursor: str | None
+
+
+# -- idempotency keys ------------------------------------------------------------
+
+
+class IdempotencyKey(SQLModel, table=True):
+    """A POST's Idempotency-Key and the response to replay (service.idempotency).
+
+    `scope` is a hash of the caller's bearer key, never the key itself. The
+    response columns are null only inside the transaction that claimed the key:
+    they are written in that same transaction, just before its commit.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
+
+    scope: str = Field(sa_column=Column(String(64), primary_key=True))
+    key: str = Field(sa_column=Column(String(255), primary_key=True))
+    fingerprint: str = Field(sa_column=Column(String(64), nullable=False))
+    created_at: datetime = _timestamp()
+    status: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    location: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    etag: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    body: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))

@@ -17,6 +17,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.convertors import UUIDConvertor
 from starlette.routing import BaseRoute, Route
 
+from service.idempotency import HEADER as IDEMPOTENCY_HEADER
+from service.idempotency import MAX_KEY_LENGTH, REPLAYED_HEADER
 from service.pagination import MAX_LIMIT
 from service.routing import MethodRoute
 
@@ -25,6 +27,8 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 # Errors any data route can answer, whatever it does.
 COMMON_ERRORS = (401, 404, 500, 503)
 BODY_ERRORS = (400, 413, 415, 422)
+# A bad Idempotency-Key, the key's request still running, the key used for another request.
+IDEMPOTENCY_ERRORS = {400, 409, 422}
 
 
 class ValidationIssue(BaseModel):
@@ -132,7 +136,27 @@ def _page_parameters() -> list[dict[str, Any]]:
     ]
 
 
-def _responses(op: Operation, *, with_content: bool) -> dict[str, Any]:
+def _idempotency_key_parameter() -> dict[str, Any]:
+    return {
+        "name": IDEMPOTENCY_HEADER,
+        "in": "header",
+        "required": False,
+        "description": (
+            "Makes a retry safe: a repeat with the same key and the same request gets "
+            f"the first response again (with {REPLAYED_HEADER}: true); 422 if the key was "
+            "used for another request, 409 while the first is still running, 400 for a "
+            "bad key"
+        ),
+        "schema": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_KEY_LENGTH,
+            "pattern": "^[\\x20-\\x7e]+$",
+        },
+    }
+
+
+def _responses(op: Operation, *, with_content: bool, idempotent: bool) -> dict[str, Any]:
     """Success and problem responses; HEAD answers carry no content to describe."""
     responses: dict[str, Any] = {}
     for status in (op.status, *op.also):
@@ -141,7 +165,16 @@ def _responses(op: Operation, *, with_content: bool) -> dict[str, Any]:
             responses[str(status)]["content"] = {
                 op.media_type: {"schema": _schema_ref(op.response)}
             }
+    if idempotent:
+        responses[str(op.status)]["headers"] = {
+            REPLAYED_HEADER: {
+                "description": "true when this is the stored response to an earlier request",
+                "schema": {"type": "string", "enum": ["true"]},
+            }
+        }
     statuses = set(op.errors) | {500}
+    if idempotent:
+        statuses |= IDEMPOTENCY_ERRORS
     if not op.public:
         statuses |= set(COMMON_ERRORS)
     if op.body is not None:
@@ -160,11 +193,14 @@ def _responses(op: Operation, *, with_content: bool) -> dict[str, Any]:
 def _method_operation(
     op: Operation, method: str, parameters: list[dict[str, Any]]
 ) -> dict[str, Any]:
+    idempotent = method == "POST"
     spec: dict[str, Any] = {
         "summary": op.summary,
-        "responses": _responses(op, with_content=method != "HEAD"),
+        "responses": _responses(op, with_content=method != "HEAD", idempotent=idempotent),
     }
     params = parameters + (_page_parameters() if op.paginated else [])
+    if idempotent:
+        params.append(_idempotency_key_parameter())
     if params:
         spec["parameters"] = params
     if op.body is not None:

@@ -1,16 +1,19 @@
 """One route per path with a handler per method, so that a wrong method gets a
-405 whose Allow header lists every method the path supports."""
+405 whose Allow header lists every method the path supports; a POST with an
+Idempotency-Key goes through service.idempotency."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from functools import partial
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from service import idempotency
 from service.retries import run_with_retries
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -33,5 +36,9 @@ class MethodRoute(Route):
         await super().handle(scope, receive, send)
 
     async def _dispatch(self, request: Request) -> Response:
+        handler = self.handlers[request.method]
+        if request.method == "POST" and idempotency.HEADER in request.headers:
+            # The claim is part of the transaction, so a retry claims again too.
+            handler = partial(idempotency.run, handler=handler)
         # Every route shares the retry of a transaction the database aborted (deadlock).
-        return await run_with_retries(self.handlers[request.method], request)
+        return await run_with_retries(handler, request)

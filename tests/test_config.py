@@ -36,6 +36,7 @@ def test_defaults_match_the_contract() -> None:
     assert settings.db_replica_max_lag_ms == 5000
     assert settings.metrics_enabled is True
     assert settings.prometheus_multiproc_dir is None
+    assert settings.idempotency_ttl_seconds == 86400
 
 
 @pytest.mark.parametrize(
@@ -118,6 +119,7 @@ def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         "DB_REPLICA_MAX_LAG_MS": "1500",
         "METRICS_ENABLED": "false",
         "PROMETHEUS_MULTIPROC_DIR": "/run/metrics",
+        "IDEMPOTENCY_TTL_SECONDS": "60",
     }
     # DATABASE_CONNECTION_POOL_URL replaces DATABASE_URL: it has a test of its own.
     assert {*values, "DATABASE_CONNECTION_POOL_URL"} == set(SERVICE_VARIABLES)
@@ -148,6 +150,7 @@ def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.connections_per_process == 3 * (7 + 0) + 3
     assert settings.metrics_enabled is False
     assert settings.prometheus_multiproc_dir == "/run/metrics"
+    assert settings.idempotency_ttl_seconds == 60
 
 
 def test_dot_env_in_the_working_directory_is_read(tmp_path: Path) -> None:
@@ -201,6 +204,8 @@ def test_connection_pool_url_wins_and_turns_on_pgbouncer_mode(
         ("LOG_LEVEL", "loud"),
         ("DB_REPLICA_MAX_LAG_MS", "0"),
         ("DB_REPLICA_MAX_LAG_MS", "soon"),
+        ("IDEMPOTENCY_TTL_SECONDS", "0"),
+        ("IDEMPOTENCY_TTL_SECONDS", "a day"),
     ],
 )
 def test_a_bad_value_names_its_variable(

@@ -6,7 +6,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service import crud
+from service import crud, idempotency
 from service.errors import found
 from service.inputs import read_body
 from service.models import (
@@ -37,10 +37,12 @@ async def create_conversation(request: Request) -> Response:
         await crud.create_conversation(session, user_uid=request.path_params["uid"], data=data),
         "user",
     )
-    await session.commit()
-    return resource_response(
+    response = resource_response(
         ConversationPublic, conversation, status=201, location=f"/conversations/{conversation.uid}"
     )
+    await idempotency.save(request, response)
+    await session.commit()
+    return response
 
 
 @operation(

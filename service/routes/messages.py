@@ -6,7 +6,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service import crud
+from service import crud, idempotency
 from service.errors import found
 from service.inputs import read_body
 from service.models import Message, MessageCreate, MessagePage, MessagePublic, MessageUpdate
@@ -28,10 +28,12 @@ async def create_message(request: Request) -> Response:
         await crud.create_message(session, conversation_uid=request.path_params["uid"], data=data),
         "conversation",
     )
-    await session.commit()
-    return resource_response(
+    response = resource_response(
         MessagePublic, message, status=201, location=f"/messages/{message.uid}"
     )
+    await idempotency.save(request, response)
+    await session.commit()
+    return response
 
 
 @operation("List a conversation's messages, oldest first", response=MessagePage, paginated=True)

@@ -6,7 +6,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service import crud
+from service import crud, idempotency
 from service.inputs import read_body
 from service.models import User, UserCreate, UserPage, UserPublic, UserUpdate
 from service.openapi import operation
@@ -30,8 +30,10 @@ async def create_user(request: Request) -> Response:
     data = await read_body(request, UserCreate)
     session: AsyncSession = request.state.db
     user = await crud.create_user(session, data=data)
+    response = resource_response(UserPublic, user, status=201, location=f"/users/{user.uid}")
+    await idempotency.save(request, response)
     await session.commit()
-    return resource_response(UserPublic, user, status=201, location=f"/users/{user.uid}")
+    return response
 
 
 read_user = read_handler(User, UserPublic, what="user")
