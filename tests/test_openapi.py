@@ -49,3 +49,19 @@ def test_operations_document_their_errors(client: TestClient) -> None:
     assert "412" in paths["/users/{uid}"]["patch"]["responses"]
     assert paths["/health"]["get"]["security"] == []
     assert [p["name"] for p in paths["/users"]["get"]["parameters"]] == ["limit", "cursor"]
+
+
+def test_every_post_documents_idempotency_key(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+
+    posts = [ops["post"] for ops in paths.values() if "post" in ops]
+    assert len(posts) == 3
+    for post in posts:
+        (header,) = [p for p in post["parameters"] if p["in"] == "header"]
+        assert header["name"] == "Idempotency-Key"
+        assert header["required"] is False
+        assert header["schema"]["maxLength"] == 255
+        assert {"400", "409", "422"} <= set(post["responses"])
+        assert "Idempotent-Replayed" in post["responses"]["201"]["headers"]
+    others = [op for ops in paths.values() for method, op in ops.items() if method != "post"]
+    assert not any(p["in"] == "header" for op in others for p in op.get("parameters", []))
