@@ -21,6 +21,7 @@ from service.app import create_app
 from service.idempotency import PRUNE_BATCH
 from tests.conftest import make_settings
 from tests.factories import create_conversation, create_user, user_body
+from tests.pgbouncer import running_pgbouncer
 from tests.support import execute, fetch_value, running_service
 
 # Well before any key's created_at: moving keys there expires them on every backend.
@@ -360,8 +361,10 @@ async def _duplicates(base_url: str, path: str, key: str) -> list[httpx.Response
         )
 
 
-def test_concurrent_duplicates_make_exactly_one_resource(database_url: str, tmp_path: Path) -> None:
-    env = {"DATABASE_URL": database_url, "WEB_CONCURRENCY": "2", "LOG_LEVEL": "warning"}
+def _assert_one_resource_per_key(env: dict[str, str], tmp_path: Path) -> None:
+    """Rounds of concurrent duplicates against the real service (2 workers): each
+    round makes one message, and every answer is that message's 201 or a 409."""
+    env = {**env, "WEB_CONCURRENCY": "2", "LOG_LEVEL": "warning"}
     with (
         running_service(env, tmp_path=tmp_path) as service,
         httpx.Client(base_url=service.base_url, timeout=10) as client,
@@ -376,10 +379,8 @@ def test_concurrent_duplicates_make_exactly_one_resource(database_url: str, tmp_
         stored = client.get(messages, params={"limit": 200}).json()["items"]
 
     for responses in rounds:
-        statuses = [response.status_code for response in responses]
-        assert set(statuses) <= {201, 409}, [
-            r.text for r in responses if r.status_code not in (201, 409)
-        ]
+        unexpected = [r.text for r in responses if r.status_code not in (201, 409)]
+        assert not unexpected
         created = [response for response in responses if response.status_code == 201]
         assert created
         assert len({response.content for response in created}) == 1
@@ -388,6 +389,18 @@ def test_concurrent_duplicates_make_exactly_one_resource(database_url: str, tmp_
                 assert response.headers["retry-after"] == "1"
     assert len(stored) == len(rounds)
     assert "Traceback" not in service.log()
+
+
+def test_concurrent_duplicates_make_exactly_one_resource(database_url: str, tmp_path: Path) -> None:
+    _assert_one_resource_per_key({"DATABASE_URL": database_url}, tmp_path)
+
+
+@pytest.mark.postgres
+def test_concurrent_duplicates_behind_pgbouncer(postgres_url: str, tmp_path: Path) -> None:
+    """Transaction mode: the advisory lock lives and dies with the transaction."""
+    with running_pgbouncer(postgres_url, pool_size=3) as bouncer:
+        env = {"DATABASE_URL": bouncer.url_for(postgres_url), "DB_PGBOUNCER": "true"}
+        _assert_one_resource_per_key(env, tmp_path)
 
 
 @pytest.mark.postgres
