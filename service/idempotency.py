@@ -142,7 +142,7 @@ def caller_scope(request: Request) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def fingerprint(method: str, path: str, body: bytes) -> str:
+def request_fingerprint(method: str, path: str, body: bytes) -> str:
     """What makes a repeat "the same request": method, path and body bytes."""
     digest = hashlib.sha256(f"{method} {len(path)}:{path}\n".encode())
     digest.update(body)
@@ -234,7 +234,7 @@ async def run(request: Request, handler: Handler) -> Response:
     key = valid_key(request)
     body = await read_bytes(request)
     scope = caller_scope(request)
-    wanted = fingerprint(request.method, request.url.path, body)
+    wanted = request_fingerprint(request.method, request.url.path, body)
     settings = request.state.settings
     now = utc_now()
     claim = _claim_postgres if settings.is_postgres else _claim_sqlite
