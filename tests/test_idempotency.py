@@ -10,7 +10,6 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from sqlalchemy import event
@@ -22,12 +21,17 @@ from service.idempotency import PRUNE_BATCH
 from tests.conftest import make_settings
 from tests.factories import create_conversation, create_user, user_body
 from tests.pgbouncer import running_pgbouncer
-from tests.support import execute, fetch_value, running_service
+from tests.support import (
+    execute,
+    fetch_value,
+    locked_table,
+    running_service,
+    wait_for_lock_waiters,
+)
 
 # Well before any key's created_at: moving keys there expires them on every backend.
 LONG_AGO = "2000-01-01 00:00:00.000000"
 CONCURRENT_DUPLICATES = 20
-HELD_ADVISORY_LOCKS = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
 
 
 def sql_value(database_url: str, sql: str) -> Any:
@@ -406,28 +410,17 @@ def test_concurrent_duplicates_behind_pgbouncer(postgres_url: str, tmp_path: Pat
 @pytest.mark.postgres
 def test_a_duplicate_of_a_running_request_is_409(postgres_url: str, tmp_path: Path) -> None:
     async def scenario(base_url: str, messages: str) -> list[httpx.Response]:
-        dsn = make_url(postgres_url).set(drivername="postgresql")
-        locker = await asyncpg.connect(dsn.render_as_string(hide_password=False))
-        try:
-            async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
-                async with locker.transaction():
-                    # The first request claims its key, then waits on this lock.
-                    await locker.execute("LOCK TABLE conversations IN ACCESS EXCLUSIVE MODE")
-                    first = asyncio.create_task(
-                        client.post(messages, json={"prompt": "p"}, headers=keyed("k"))
-                    )
-                    give_up_at = time.monotonic() + 20
-                    while not await locker.fetchval(HELD_ADVISORY_LOCKS):
-                        assert time.monotonic() < give_up_at, "the first request never claimed"
-                        await asyncio.sleep(0.05)  # another process's state: no event to await
-                    duplicate = await client.post(
-                        messages, json={"prompt": "p"}, headers=keyed("k")
-                    )
-                created = await first
-                retry = await client.post(messages, json={"prompt": "p"}, headers=keyed("k"))
-            return [duplicate, created, retry]
-        finally:
-            await locker.close()
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            async with locked_table(postgres_url, "conversations"):
+                # The first request claims its key, then waits on the table lock.
+                first = asyncio.create_task(
+                    client.post(messages, json={"prompt": "p"}, headers=keyed("k"))
+                )
+                await wait_for_lock_waiters(postgres_url, 1)
+                duplicate = await client.post(messages, json={"prompt": "p"}, headers=keyed("k"))
+            created = await first
+            retry = await client.post(messages, json={"prompt": "p"}, headers=keyed("k"))
+        return [duplicate, created, retry]
 
     with (
         running_service({"DATABASE_URL": postgres_url}, tmp_path=tmp_path) as service,
