@@ -395,11 +395,13 @@ def _assert_one_resource_per_key(env: dict[str, str], tmp_path: Path) -> None:
     assert "Traceback" not in service.log()
 
 
+@pytest.mark.process
 def test_concurrent_duplicates_make_exactly_one_resource(database_url: str, tmp_path: Path) -> None:
     _assert_one_resource_per_key({"DATABASE_URL": database_url}, tmp_path)
 
 
 @pytest.mark.postgres
+@pytest.mark.process
 def test_concurrent_duplicates_behind_pgbouncer(postgres_url: str, tmp_path: Path) -> None:
     """Transaction mode: the advisory lock lives and dies with the transaction."""
     with running_pgbouncer(postgres_url, pool_size=3) as bouncer:
@@ -408,6 +410,7 @@ def test_concurrent_duplicates_behind_pgbouncer(postgres_url: str, tmp_path: Pat
 
 
 @pytest.mark.postgres
+@pytest.mark.process
 def test_a_duplicate_of_a_running_request_is_409(postgres_url: str, tmp_path: Path) -> None:
     async def scenario(base_url: str, messages: str) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
