@@ -350,6 +350,38 @@ def test_the_key_and_the_resource_commit_together(
     assert count(client, messages) == 1
 
 
+# Fails the first insert into users with a deadlock (40P01); a sequence counts the
+# attempts because nextval() survives the rollback of the aborted transaction.
+DEADLOCK_ONCE = """
+    CREATE SEQUENCE insert_attempts;
+    CREATE FUNCTION deadlock_once() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF nextval('insert_attempts') = 1 THEN
+            RAISE EXCEPTION 'simulated' USING ERRCODE = '40P01';
+        END IF;
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER deadlock_once BEFORE INSERT ON users
+        FOR EACH ROW EXECUTE FUNCTION deadlock_once();
+"""
+
+
+@pytest.mark.postgres
+def test_a_request_run_again_after_a_deadlock_claims_its_key_again(postgres_url: str) -> None:
+    """The aborted transaction took the claim with it; the second run must claim
+    again, or its response would never be stored for the retry to replay."""
+    body = user_body()
+    with TestClient(create_app(make_settings(postgres_url))) as client:
+        asyncio.run(execute(postgres_url, DEADLOCK_ONCE))
+        created = client.post("/users", json=body, headers=keyed("k"))
+        replayed = client.post("/users", json=body, headers=keyed("k"))
+
+    assert created.status_code == 201, created.text
+    assert replayed.headers["idempotent-replayed"] == "true"
+    assert replayed.content == created.content
+    assert stored_keys(postgres_url) == 1
+
+
 # -- concurrency, against the real service -------------------------------------------
 
 
