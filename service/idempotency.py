@@ -39,8 +39,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service.errors import BadRequest, Conflict, ValidationFailed
-from service.inputs import read_bytes
-from service.middleware import bearer_token
+from service.inputs import bearer_token, read_bytes
 from service.models import IdempotencyKey, UTCDateTime, utc_now
 
 HEADER = "Idempotency-Key"
@@ -281,10 +280,11 @@ async def save(request: Request, response: Response) -> None:
 
 
 def replay(*, status: int, location: str | None, etag: str | None, body: bytes | None) -> Response:
-    """A stored response again, byte for byte, marked as a replay.
+    """A stored response again, byte for byte, marked as a replay, and counted."""
+    # Imported here: service.metrics imports service.routing, which imports this module.
+    from service.metrics import record_idempotent_replay
 
-    (The replay counter of service.metrics belongs here, once that module exists.)
-    """
+    record_idempotent_replay()
     headers = {REPLAYED_HEADER: "true"}
     if location is not None:
         headers["Location"] = location

@@ -1,4 +1,4 @@
-"""Reading what a request carries: a JSON body into a model, and If-Match."""
+"""Reading what a request carries: a JSON body into a model, If-Match, a bearer token."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from itertools import islice
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
 from starlette.requests import Request
 
 from service.errors import (
@@ -83,6 +84,12 @@ async def read_body(request: Request, model: type[ModelT]) -> ModelT:
     listed = list(islice((name for name in data if name in unknown), MAX_LISTED_ERRORS))
     errors += ({"loc": ["body", name], "msg": UNKNOWN_FIELD} for name in listed)
     raise ValidationFailed(errors, omitted=len(unknown) - len(listed))
+
+
+def bearer_token(headers: Headers) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, if there is one."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 def check_if_match(request: Request, current_etag: str) -> None:

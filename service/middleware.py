@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.consistency import attach_token, presented_token, write_position
 from service.db import ReadOnlySession, Replica, ReplicaSet
 from service.errors import UNREACHABLE, Unauthorized
+from service.inputs import bearer_token
 from service.logs import REQUEST_ID
 from service.metrics import Metrics
 from service.problems import internal_error_response, render_service_error
@@ -117,12 +118,6 @@ class RequestContextMiddleware:
                     seconds=time.perf_counter() - started_at,
                 )
             REQUEST_ID.reset(token)
-
-
-def bearer_token(headers: Headers) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header, if there is one."""
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
 
 
 class BearerAuthMiddleware:

@@ -25,6 +25,8 @@ from tests.support import (
     execute,
     fetch_value,
     locked_table,
+    metric,
+    parse_metrics,
     running_service,
     wait_for_lock_waiters,
 )
@@ -110,6 +112,19 @@ def test_a_retry_replays_the_first_response_byte_for_byte(
     assert count(client, listing) == before + 1
     # A replay writes nothing: not even the conversation's updated_at moves.
     assert client.get(f"/conversations/{conversation['uid']}").headers["etag"] == conversation_etag
+
+
+def test_replays_are_counted_in_the_metrics(client: TestClient) -> None:
+    body = user_body()
+    before = parse_metrics(client.get("/metrics").text)
+
+    client.post("/users", json=body, headers=keyed("k"))
+    client.post("/users", json=body, headers=keyed("k"))
+    client.post("/users", json=body, headers=keyed("k"))
+    after = parse_metrics(client.get("/metrics").text)
+
+    counted = metric(after, "idempotent_replays_total") - metric(before, "idempotent_replays_total")
+    assert counted == 2  # the retries, not the first request
 
 
 def test_a_retried_user_create_is_not_a_409_for_its_own_email(client: TestClient) -> None:
