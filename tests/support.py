@@ -30,6 +30,8 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REQUIRE_POSTGRES = os.environ.get("REQUIRE_POSTGRES") == "1"
+# How much of a real service's log a failed test prints.
+LOG_TAIL_LINES = 60
 # What reads an environment variable in service/: environs' `env.<type>("NAME"...)` and
 # plain `os.environ`/`os.getenv` reads.
 _VARIABLE_READ = re.compile(
@@ -188,10 +190,14 @@ def running_service(
             start_new_session=True,
         )
     service = ServiceProcess(process, f"http://127.0.0.1:{port}", log_path)
+    failed = False
     try:
         if wait:
             wait_until_live(service)
         yield service
+    except BaseException:
+        failed = True
+        raise
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
@@ -203,6 +209,10 @@ def running_service(
         # The shell may exit before the server it started: its last log lines
         # (access lines, shutdown) are only complete once every process is gone.
         wait_until(lambda: not service.is_running(), timeout=30, what="the service exits")
+        if failed:
+            # pytest shows a failed test's stdout: the server's side of the story.
+            tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            print(f"--- last lines of {log_path.name} ---", *tail, sep="\n")
 
 
 def path_with(bin_dir: Path | None = None) -> str:
