@@ -121,7 +121,7 @@ def new_user() -> bytes:
     return json.dumps(user).encode()
 
 
-async def measure(database_url: str, requests: int, warmup: int) -> None:
+async def measure(database_url: str, requests: int, warmup: int, workloads: list[str]) -> None:
     """Run each workload's requests, instrumented, one callgrind dump per workload."""
     import logging.config
 
@@ -145,8 +145,8 @@ async def measure(database_url: str, requests: int, warmup: int) -> None:
         "health": lambda i: ("GET", "/health", b""),
         "live": lambda i: ("GET", "/health/live", b""),
     }
-    bodies = {name: [calls[name](i) for i in range(warmup + requests)] for name in WORKLOADS}
-    for name in WORKLOADS:
+    bodies = {name: [calls[name](i) for i in range(warmup + requests)] for name in workloads}
+    for name in workloads:
         for i in range(warmup):
             await driver.request(*bodies[name][i])
         shim.start()
@@ -172,12 +172,20 @@ def build_shim(directory: Path) -> Path:
 
 
 def run_tree(
-    tree: Path, database_url: str, requests: int, warmup: int, work: Path
+    tree: Path, database_url: str, args: argparse.Namespace, work: Path
 ) -> dict[str, float]:
     """Instructions per request of the service package in `tree`, under callgrind."""
     out = work / f"callgrind.{tree.name}"
-    env = {**os.environ, "PYTHONPATH": str(tree), "BENCH_SHIM": str(work / "shim.so")}
-    child = [sys.executable, __file__, "--child", database_url, str(requests), str(warmup)]
+    env = {**os.environ, "PYTHONPATH": str(tree), "BENCH_SHIM": str(work / "shim.so"), "PYTHONHASHSEED": "0"}
+    child = [
+        sys.executable,
+        __file__,
+        "--child",
+        database_url,
+        str(args.requests),
+        str(args.warmup),
+    ]
+    child.append(",".join(args.workloads))
     subprocess.run(
         [
             "valgrind",
@@ -193,14 +201,14 @@ def run_tree(
     dumps = sorted(
         work.glob(f"callgrind.{tree.name}.*.*"), key=lambda p: int(p.name.rsplit(".", 1)[1])
     )
-    if len(dumps) != len(WORKLOADS):
-        raise RuntimeError(f"expected {len(WORKLOADS)} dumps, found {[d.name for d in dumps]}")
+    if len(dumps) != len(args.workloads):
+        raise RuntimeError(f"expected {len(args.workloads)} dumps, found {[d.name for d in dumps]}")
     counts = {}
-    for name, dump in zip(WORKLOADS, dumps, strict=True):
+    for name, dump in zip(args.workloads, dumps, strict=True):
         totals = re.search(r"^totals:\s+(\d+)", dump.read_text(), re.MULTILINE)
         if totals is None:
             raise RuntimeError(f"no totals in {dump}")
-        counts[name] = int(totals.group(1)) / requests
+        counts[name] = int(totals.group(1)) / args.requests
     return counts
 
 
@@ -222,11 +230,12 @@ def main() -> int:
     )
     parser.add_argument("--requests", type=int, default=300, help="measured requests per workload")
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        url, requests, warmup = args.child
-        asyncio.run(measure(url, int(requests), int(warmup)))
+        url, requests, warmup, workloads = args.child
+        asyncio.run(measure(url, int(requests), int(warmup), workloads.split(",")))
         return 0
     sys.path.insert(0, str(ROOT))
     from tests.support import fresh_postgres_database
@@ -240,14 +249,14 @@ def main() -> int:
         counts = {}
         for label, tree in trees.items():
             with fresh_postgres_database() as url:
-                counts[label] = run_tree(tree, url, args.requests, args.warmup, work)
+                counts[label] = run_tree(tree, url, args, work)
     labels = list(counts)
     header = ["workload", *(f"{label} instr/req" for label in labels)]
     if args.against:
         header.append("after/before")
     print("| " + " | ".join(header) + " |")
     print("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
-    for name in WORKLOADS:
+    for name in args.workloads:
         row = [name, *(f"{counts[label][name]:,.0f}" for label in labels)]
         if args.against:
             row.append(f"{counts['this tree'][name] / counts[args.against][name]:.3f}")
