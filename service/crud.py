@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Row, insert, select, update
+from sqlalchemy import Row, Select, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -38,18 +39,23 @@ from service.pagination import PageRequest, keyset
 Entity = User | Conversation | Message
 
 
+@cache
+def _by_uid(model: type[Entity], *, whole: bool) -> Select[Any]:
+    """`SELECT <row or uid> FROM <table> WHERE uid = :uid`, built once per table."""
+    table = model.__table__
+    return select(table if whole else table.c.uid).where(table.c.uid == bindparam("uid"))
+
+
 async def read_row(
     session: AsyncSession, *, model: type[Entity], uid: uuid.UUID
 ) -> Row[Any] | None:
-    """A resource as a plain row, for a response: reads skip the ORM's identity map
-    and object loading, which cost more than the query itself."""
-    table = model.__table__
-    return (await session.exec(select(table).where(table.c.uid == uid))).first()
+    """A resource as a plain row, for a response: reads skip the ORM's identity map,
+    object loading and execution layer, which cost more than the query itself."""
+    return (await core.execute(session, _by_uid(model, whole=True), {"uid": uid})).first()
 
 
 async def exists(session: AsyncSession, *, model: type[Entity], uid: uuid.UUID) -> bool:
-    table = model.__table__
-    found = await session.exec(select(table.c.uid).where(table.c.uid == uid))
+    found = await core.execute(session, _by_uid(model, whole=False), {"uid": uid})
     return found.first() is not None
 
 
