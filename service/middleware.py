@@ -77,7 +77,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = Headers(scope=scope).get("x-request-id", "")
+        incoming = _request_id_header(scope)
         request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         token = REQUEST_ID.set(request_id)
         scope = with_state(scope, request_id=request_id)
@@ -103,13 +103,14 @@ class RequestContextMiddleware:
             logger.exception("unhandled error in %s %s", scope["method"], raw_path(scope))
             await internal_error_response(request_id)(scope, receive, send_with_request_id)
         finally:
-            access_logger.info(
-                "%s %s %s %.1fms",
-                scope["method"],
-                raw_path(scope),
-                status or "-",
-                (time.perf_counter() - started_at) * 1000,
-            )
+            if access_logger.isEnabledFor(logging.INFO):  # LOG_LEVEL=warning skips the work
+                access_logger.info(
+                    "%s %s %s %.1fms",
+                    scope["method"],
+                    raw_path(scope),
+                    status or "-",
+                    (time.perf_counter() - started_at) * 1000,
+                )
             if metrics is not None and route_token is not None:
                 metrics.request_done(
                     route_token,
@@ -118,6 +119,15 @@ class RequestContextMiddleware:
                     seconds=time.perf_counter() - started_at,
                 )
             REQUEST_ID.reset(token)
+
+
+def _request_id_header(scope: Scope) -> str:
+    """The first X-Request-ID header, or "" (what `Headers.get` gives, without
+    building a Headers object for every request)."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":  # ASGI servers send header names in lower case
+            return value.decode("latin-1")
+    return ""
 
 
 class BearerAuthMiddleware:
