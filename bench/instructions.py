@@ -176,7 +176,12 @@ def run_tree(
 ) -> dict[str, float]:
     """Instructions per request of the service package in `tree`, under callgrind."""
     out = work / f"callgrind.{tree.name}"
-    env = {**os.environ, "PYTHONPATH": str(tree), "BENCH_SHIM": str(work / "shim.so"), "PYTHONHASHSEED": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tree),
+        "BENCH_SHIM": str(work / "shim.so"),
+        "PYTHONHASHSEED": "0",
+    }
     child = [
         sys.executable,
         __file__,
