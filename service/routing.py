@@ -30,10 +30,18 @@ class MethodRoute(Route):
         if "GET" in self.handlers:
             self.handlers.setdefault("HEAD", self.handlers["GET"])
         super().__init__(path, self._dispatch, methods=list(self.handlers))
+        # Straight to the handler: an error it raises reaches Starlette's
+        # ExceptionMiddleware, which holds the same handlers, rather than a second
+        # copy of that layer that Starlette would wrap around every route.
+        self.app = self._serve
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         ROUTE_TEMPLATE.set(self.path_format)
         await super().handle(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self._dispatch(Request(scope, receive, send))
+        await response(scope, receive, send)
 
     async def _dispatch(self, request: Request) -> Response:
         handler = self.handlers[request.method]
