@@ -109,8 +109,9 @@ async def create_user(session: AsyncSession, *, data: UserCreate) -> Row[Any]:
 
 
 async def list_users(session: AsyncSession, *, page: PageRequest) -> Sequence[Row[Any]]:
-    statement = keyset(select(User.__table__), at=User.created_at, uid=User.uid, page=page)
-    return (await session.exec(statement)).all()
+    table = User.__table__
+    statement = keyset(select(table), at=table.c.created_at, uid=table.c.uid, page=page)
+    return (await core.execute(session, statement, {})).all()
 
 
 async def update_user(session: AsyncSession, user: User, data: UserUpdate) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, tuple_
+from sqlalchemy import ColumnElement, Select, tuple_
 from sqlalchemy.orm import InstrumentedAttribute
 from starlette.requests import Request
 
@@ -84,8 +84,8 @@ class PageRequest:
 def keyset(
     statement: Select[Any],
     *,
-    at: InstrumentedAttribute[datetime],
-    uid: InstrumentedAttribute[uuid.UUID],
+    at: ColumnElement[datetime] | InstrumentedAttribute[datetime],
+    uid: ColumnElement[uuid.UUID] | InstrumentedAttribute[uuid.UUID],
     page: PageRequest,
     newest_first: bool = False,
 ) -> Select[Any]:
