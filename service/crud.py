@@ -11,25 +11,29 @@ The update functions share one positional shape, so one generic handler
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Row, Select, bindparam, insert, select, update
+from sqlalchemy import Column, Row, Select, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from service.db import core
+from service.db.core import RowData
 from service.errors import ValidationFailed, is_foreign_key_violation
 from service.models import (
     Conversation,
     ConversationCreate,
+    ConversationPublic,
     ConversationUpdate,
     Message,
     MessageCreate,
+    MessagePublic,
     MessageUpdate,
     User,
     UserCreate,
+    UserPublic,
     UserUpdate,
     email_key,
     utc_now,
@@ -37,31 +41,80 @@ from service.models import (
 from service.pagination import PageRequest, keyset
 
 Entity = User | Conversation | Message
+# A read returns the columns of its entity's public view, in the view's field
+# order: service.representations writes such a row without building the view.
+_SHOWN: dict[type[Entity], type[SQLModel]] = {
+    User: UserPublic,
+    Conversation: ConversationPublic,
+    Message: MessagePublic,
+}
+
+
+def _shown_columns(model: type[Entity]) -> list[Column[Any]]:
+    table = model.__table__
+    return [table.c[name] for name in _SHOWN[model].model_fields]
 
 
 @cache
 def _by_uid(model: type[Entity], *, whole: bool) -> Select[Any]:
-    """`SELECT <row or uid> FROM <table> WHERE uid = :uid`, built once per table."""
+    """`SELECT <shown columns or uid> FROM <table> WHERE uid = :uid`, built once per table."""
     table = model.__table__
-    return select(table if whole else table.c.uid).where(table.c.uid == bindparam("uid"))
+    columns = _shown_columns(model) if whole else [table.c.uid]
+    return select(*columns).where(table.c.uid == bindparam("uid"))
 
 
-async def read_row(
-    session: AsyncSession, *, model: type[Entity], uid: uuid.UUID
-) -> Row[Any] | None:
+async def read_row(session: AsyncSession, *, model: type[Entity], uid: uuid.UUID) -> RowData | None:
     """A resource as a plain row, for a response: reads skip the ORM's identity map,
     object loading and execution layer, which cost more than the query itself."""
-    return (await core.execute(session, _by_uid(model, whole=True), {"uid": uid})).first()
+    rows = await core.fetch(session, _by_uid(model, whole=True), {"uid": uid})
+    return rows[0] if rows else None
 
 
 async def exists(session: AsyncSession, *, model: type[Entity], uid: uuid.UUID) -> bool:
-    found = await core.execute(session, _by_uid(model, whole=False), {"uid": uid})
-    return found.first() is not None
+    return bool(await core.fetch(session, _by_uid(model, whole=False), {"uid": uid}))
+
+
+@cache
+def _page_of(
+    model: type[Entity], *, parent: str | None, at: str, newest_first: bool, after: bool
+) -> Select[Any]:
+    """One page of `model`'s rows (of one parent, if `parent` names its column),
+    ordered by (`at`, uid): built once per shape."""
+    table = model.__table__
+    statement = select(*_shown_columns(model))
+    if parent is not None:
+        statement = statement.where(table.c[parent] == bindparam("parent"))
+    return keyset(
+        statement, at=table.c[at], uid=table.c.uid, after=after, newest_first=newest_first
+    )
+
+
+async def _page(
+    session: AsyncSession,
+    model: type[Entity],
+    page: PageRequest,
+    *,
+    at: str,
+    newest_first: bool = False,
+    parent: tuple[str, uuid.UUID] | None = None,
+) -> list[RowData]:
+    """A page of `model`'s rows, as `_page_of` orders them; `parent` is (column, uid)."""
+    params = page.params()
+    if parent is not None:
+        params["parent"] = parent[1]
+    query = _page_of(
+        model,
+        parent=parent[0] if parent else None,
+        at=at,
+        newest_first=newest_first,
+        after=page.after is not None,
+    )
+    return await core.fetch(session, query, params)
 
 
 async def _unless_missing(
-    session: AsyncSession, rows: Sequence[Row[Any]], *, parent: type[Entity], uid: uuid.UUID
-) -> Sequence[Row[Any]] | None:
+    session: AsyncSession, rows: list[RowData], *, parent: type[Entity], uid: uuid.UUID
+) -> list[RowData] | None:
     """A page of children, or None when their parent does not exist. Rows prove
     the parent exists, so only an empty page costs the round trip to ask."""
     if rows or await exists(session, model=parent, uid=uid):
@@ -108,10 +161,8 @@ async def create_user(session: AsyncSession, *, data: UserCreate) -> Row[Any]:
     return (await core.execute(session, _INSERT_USER, values)).one()
 
 
-async def list_users(session: AsyncSession, *, page: PageRequest) -> Sequence[Row[Any]]:
-    table = User.__table__
-    statement = keyset(select(table), at=table.c.created_at, uid=table.c.uid, page=page)
-    return (await core.execute(session, statement, {})).all()
+async def list_users(session: AsyncSession, *, page: PageRequest) -> list[RowData]:
+    return await _page(session, User, page, at="created_at")
 
 
 async def update_user(session: AsyncSession, user: User, data: UserUpdate) -> None:
@@ -150,16 +201,16 @@ async def create_conversation(
 
 async def list_conversations(
     session: AsyncSession, *, user_uid: uuid.UUID, page: PageRequest
-) -> Sequence[Row[Any]] | None:
+) -> list[RowData] | None:
     """A user's conversations, most recently updated first; None if the user does not exist."""
-    statement = keyset(
-        select(Conversation.__table__).where(Conversation.user_uid == user_uid),
-        at=Conversation.updated_at,
-        uid=Conversation.uid,
-        page=page,
+    rows = await _page(
+        session,
+        Conversation,
+        page,
+        at="updated_at",
         newest_first=True,
+        parent=("user_uid", user_uid),
     )
-    rows = (await session.exec(statement)).all()
     return await _unless_missing(session, rows, parent=User, uid=user_uid)
 
 
@@ -216,15 +267,11 @@ async def create_message(
 
 async def list_messages(
     session: AsyncSession, *, conversation_uid: uuid.UUID, page: PageRequest
-) -> Sequence[Row[Any]] | None:
+) -> list[RowData] | None:
     """A conversation's messages, oldest first; None if the conversation does not exist."""
-    statement = keyset(
-        select(Message.__table__).where(Message.conversation_uid == conversation_uid),
-        at=Message.created_at,
-        uid=Message.uid,
-        page=page,
+    rows = await _page(
+        session, Message, page, at="created_at", parent=("conversation_uid", conversation_uid)
     )
-    rows = (await session.exec(statement)).all()
     return await _unless_missing(session, rows, parent=Conversation, uid=conversation_uid)
 
 

@@ -7,12 +7,12 @@ import base64
 import binascii
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, tuple_
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy import ColumnElement, Integer, Select, bindparam, tuple_
 from starlette.requests import Request
 
 from service.errors import ValidationFailed
@@ -80,24 +80,34 @@ class PageRequest:
         raw_cursor = request.query_params.get("cursor")
         return cls(limit=limit, after=Cursor.decode(raw_cursor) if raw_cursor else None)
 
+    def params(self) -> dict[str, Any]:
+        """The values of `keyset`'s bound parameters for this page."""
+        if self.after is None:
+            return {"limit": self.limit + 1}
+        return {"limit": self.limit + 1, "after_at": self.after.at, "after_uid": self.after.uid}
+
 
 def keyset(
     statement: Select[Any],
     *,
-    at: ColumnElement[datetime] | InstrumentedAttribute[datetime],
-    uid: ColumnElement[uuid.UUID] | InstrumentedAttribute[uuid.UUID],
-    page: PageRequest,
+    at: ColumnElement[datetime],
+    uid: ColumnElement[uuid.UUID],
+    after: bool,
     newest_first: bool = False,
 ) -> Select[Any]:
-    """Order by (at, uid), start after the cursor, and fetch one row more than the
-    page holds to learn whether another page follows."""
-    if page.after is not None:
-        key, seen = tuple_(at, uid), tuple_(page.after.at, page.after.uid)
+    """Order by (at, uid), start after the cursor (when `after`), and fetch one row
+    more than the page holds to learn whether another page follows. The values are
+    bound parameters (`PageRequest.params`), so each shape is built once."""
+    if after:
+        key, seen = (
+            tuple_(at, uid),
+            tuple_(bindparam("after_at", type_=at.type), bindparam("after_uid", type_=uid.type)),
+        )
         statement = statement.where(key < seen if newest_first else key > seen)
     order = (at.desc(), uid.desc()) if newest_first else (at.asc(), uid.asc())
-    return statement.order_by(*order).limit(page.limit + 1)
+    return statement.order_by(*order).limit(bindparam("limit", type_=Integer))
 
 
-def cursor_after(row: Any, *, key: str) -> str:
+def cursor_after(row: Mapping[str, Any], *, key: str) -> str:
     """The cursor of the page that follows `row`."""
-    return Cursor(at=getattr(row, key), uid=row.uid).encode()
+    return Cursor(at=row[key], uid=row["uid"]).encode()

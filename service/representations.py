@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import cache
+from typing import Any, TypedDict
 
+from pydantic import TypeAdapter
 from sqlmodel import SQLModel
 from starlette.responses import Response
 
@@ -21,7 +23,11 @@ MAX_PAGE_BYTES = 1_048_576
 
 def etag_of(row: Any) -> str:
     """A strong ETag: the representation changes exactly when `updated_at` does."""
-    return f'"{(row.updated_at - _EPOCH) // _MICROSECOND:x}"'
+    return etag_at(row.updated_at)
+
+
+def etag_at(updated_at: datetime) -> str:
+    return f'"{(updated_at - _EPOCH) // _MICROSECOND:x}"'
 
 
 def public_view(public: type[SQLModel], row: Any) -> SQLModel:
@@ -30,39 +36,71 @@ def public_view(public: type[SQLModel], row: Any) -> SQLModel:
     return public.__pydantic_validator__.validate_python(row, from_attributes=True)
 
 
+@cache
+def _shown(public: type[SQLModel]) -> type:
+    """`public`'s fields as a TypedDict, to write a read's row as `public` would
+    without building the model (a fifth of the cost). The row is a dict of exactly
+    `public`'s columns in its field order (crud selects them so): the output keeps
+    the input's key order. The values are the database's, of the public types."""
+    fields = {name: field.annotation for name, field in public.model_fields.items()}
+    return TypedDict(public.__name__, fields)  # type: ignore[operator, no-any-return]
+
+
+@cache
+def _row_json(public: type[SQLModel]) -> TypeAdapter[Any]:
+    return TypeAdapter(_shown(public))
+
+
+@cache
+def _rows_json(public: type[SQLModel]) -> TypeAdapter[Any]:
+    """`_row_json` for a whole page in one call."""
+    return TypeAdapter(list[_shown(public)])  # type: ignore[valid-type]
+
+
 def json_response(
-    body: SQLModel, *, status: int = 200, headers: dict[str, str] | None = None
+    body: bytes | str, *, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
-    return Response(
-        body.model_dump_json(), status_code=status, headers=headers, media_type="application/json"
-    )
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
 def resource_response(
     public: type[SQLModel], row: Any, *, status: int = 200, location: str | None = None
 ) -> Response:
-    """One resource, with its ETag (and Location when it was just created)."""
-    headers = {"ETag": etag_of(row)}
+    """One resource, with its ETag (and Location when it was just created). `row` is
+    a read's dict (see `_row_json`) or anything `public` validates from attributes."""
+    if isinstance(row, dict):
+        body, etag = _row_json(public).dump_json(row), etag_at(row["updated_at"])
+    else:
+        view = public_view(public, row)
+        body, etag = view.model_dump_json(), etag_of(view)
+    headers = {"ETag": etag}
     if location is not None:
         headers["Location"] = location
-    return json_response(public_view(public, row), status=status, headers=headers)
+    return json_response(body, status=status, headers=headers)
 
 
 def page_response(
-    public: type[SQLModel], rows: Sequence[Any], *, page: PageRequest, key: str
+    public: type[SQLModel], rows: Sequence[dict[str, Any]], *, page: PageRequest, key: str
 ) -> Response:
     """`{"items": [...], "next_cursor": ...}` from the rows `keyset` fetched (one more
     than the page holds). Items stop at the page's limit, or earlier once the body
     would pass MAX_PAGE_BYTES (but never before the first): `next_cursor` then
     continues after the last item sent, so a walk still sees every row once."""
-    items: list[bytes] = []
-    size = 0
-    for row in rows[: page.limit]:
-        item = public_view(public, row).model_dump_json().encode()
-        size += len(item) + 1
-        if items and size > MAX_PAGE_BYTES:
-            break
-        items.append(item)
-    next_cursor = cursor_after(rows[len(items) - 1], key=key) if len(rows) > len(items) else None
-    body = b'{"items":[%s],"next_cursor":%s}' % (b",".join(items), json.dumps(next_cursor).encode())
+    shown = rows[: page.limit]
+    items = _rows_json(public).dump_json(shown)
+    if len(items) - 1 > MAX_PAGE_BYTES:  # each item and its comma, as counted below
+        shown = _within_bound(public, shown)
+        items = b"[%s]" % b",".join(_row_json(public).dump_json(row) for row in shown)
+    next_cursor = cursor_after(shown[-1], key=key) if len(rows) > len(shown) else None
+    body = b'{"items":%s,"next_cursor":%s}' % (items, json.dumps(next_cursor).encode())
     return Response(body, media_type="application/json")
+
+
+def _within_bound(public: type[SQLModel], rows: Sequence[dict[str, Any]]) -> Sequence[Any]:
+    """The first rows whose items, with a comma each, fit in MAX_PAGE_BYTES (at least one)."""
+    size = 0
+    for count, row in enumerate(rows):
+        size += len(_row_json(public).dump_json(row)) + 1
+        if count and size > MAX_PAGE_BYTES:
+            return rows[:count]
+    return rows

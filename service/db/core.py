@@ -1,4 +1,4 @@
-"""Core statements on a session's own connection, for the hot paths.
+"""Core statements and driver-level reads on a session's own connection, for the hot paths.
 
 `session.execute` runs every statement through the ORM's execution layer (its
 compile state, event hooks, result wrapping), which for a single-row INSERT or
@@ -6,15 +6,34 @@ SELECT costs more than building the statement. A statement built once at import
 with bound parameters, run here, skips that and the per-request statement build
 while staying inside the session's transaction (same connection, same commit or
 rollback), on either backend.
+
+Reads in autocommit (every GET and HEAD session, and /health) go one step
+further on PostgreSQL: asyncpg runs the SQL that SQLAlchemy compiled for the
+statement once, straight on the connection, and its records become dicts.
+That skips SQLAlchemy's execution context, cursor adapter and result objects,
+about a fifth of a read's instructions. Autocommit is the condition because
+the adapter starts a transaction lazily on its first statement: a read inside a
+write's transaction must go through it; so do statements that someone watches
+through SQLAlchemy's cursor events. Errors still take SQLAlchemy's own
+path (translated by the dialect, raised as `DBAPIError`, a lost connection
+invalidated), so every caller sees the same exceptions either way. SQLite runs
+the same statements through Core.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
-from sqlalchemy import CursorResult, Executable
+from sqlalchemy import CursorResult, Executable, Select
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.util import greenlet_spawn
 from sqlmodel.ext.asyncio.session import AsyncSession
+
+RowData = dict[str, Any]
+# SQL text and the order of its parameter names, per statement, as compiled for asyncpg.
+_COMPILED: dict[Select[Any], tuple[str, tuple[str, ...]]] = {}
 
 
 async def execute(
@@ -23,3 +42,68 @@ async def execute(
     """`statement` with `params` on the connection of `session`'s transaction."""
     connection = await session.connection()
     return await connection.execute(statement, params)
+
+
+async def fetch(
+    session: AsyncSession, query: Select[Any], params: Mapping[str, Any]
+) -> list[RowData]:
+    """The rows of `query` (built once, with bound parameters) as dicts.
+
+    Parameters must already be what the database stores (aware UTC datetimes,
+    UUIDs): the driver path applies no bind processors."""
+    connection = await session.connection()
+    return await fetch_on(connection, query, params)
+
+
+async def fetch_on(
+    connection: AsyncConnection, query: Select[Any], params: Mapping[str, Any]
+) -> list[RowData]:
+    """`fetch` on a connection rather than a session's (health checks have no session)."""
+    sync_connection = connection.sync_connection
+    assert sync_connection is not None  # an AsyncConnection from connect() has started
+    adapted = _asyncpg_in_autocommit(sync_connection)
+    if adapted is None:
+        result = await connection.execute(query, params)
+        return [dict(row) for row in result.mappings()]
+    sql, names = _COMPILED.get(query) or _compile(query, connection)
+    arguments = [params[name] for name in names]
+    try:
+        records = await adapted.driver_connection.fetch(sql, *arguments)
+    except Exception as error:
+        await greenlet_spawn(_raise_as_sqlalchemy, sync_connection, error, sql, arguments)
+    return [dict(record) for record in records]
+
+
+def _asyncpg_in_autocommit(connection: Connection) -> Any | None:
+    """The asyncpg adapter under `connection` if the driver path may run there: not
+    inside a transaction, and nobody listening for SQLAlchemy's cursor events
+    (tracing, statement counters), who must see every statement as before."""
+    if (
+        connection.dialect.driver != "asyncpg"
+        or connection.invalidated
+        or connection.dispatch.before_cursor_execute
+    ):
+        return None
+    adapted = connection.connection.dbapi_connection
+    return adapted if getattr(adapted, "autocommit", False) else None
+
+
+def _compile(query: Select[Any], connection: AsyncConnection) -> tuple[str, tuple[str, ...]]:
+    compiled = query.compile(dialect=connection.dialect)
+    assert compiled.positiontup is not None  # asyncpg's paramstyle is positional ($1)
+    _COMPILED[query] = entry = (compiled.string, tuple(compiled.positiontup))
+    return entry
+
+
+def _raise_as_sqlalchemy(
+    connection: Connection, error: Exception, sql: str, arguments: list[Any]
+) -> NoReturn:
+    """What `Connection.execute` does with a driver error: the dialect translates it,
+    SQLAlchemy wraps it (hiding parameters as the engine does) and invalidates the
+    connection if it was lost. Runs in a greenlet: invalidation may await."""
+    adapted = connection.connection.dbapi_connection
+    try:
+        adapted._handle_exception(error)  # type: ignore[union-attr]  # always raises
+    except Exception as translated:
+        connection._handle_dbapi_exception(translated, sql, tuple(arguments), None, None)
+    raise AssertionError("unreachable: the dialect re-raises every error")  # pragma: no cover

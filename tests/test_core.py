@@ -1,0 +1,198 @@
+"""service.db.core's reads: what a client receives is what the public models write,
+and on PostgreSQL the driver path (autocommit reads straight on asyncpg) gives the
+rows Core gives, fails as Core fails, and stays out of transactions and of
+connections someone watches through SQLAlchemy's cursor events."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from sqlalchemy import bindparam, event, func, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.testclient import TestClient
+
+from service import crud
+from service.db import autocommit, core, create_engine, create_sessionmaker, init_db
+from service.models import (
+    ConversationPage,
+    ConversationPublic,
+    MessagePage,
+    MessagePublic,
+    User,
+    UserCreate,
+    UserPage,
+    UserPublic,
+)
+from service.pagination import Cursor, PageRequest
+from tests.conftest import make_settings
+from tests.factories import create_conversation, create_message, create_user
+
+
+def test_reads_and_pages_are_the_bytes_the_public_models_write(client: TestClient) -> None:
+    """Reads skip building the public model: its field order and formats must hold."""
+    user = create_user(client)
+    create_user(client)
+    conversation = create_conversation(client, user["uid"])
+    message = create_message(client, conversation["uid"])
+    cases: list[tuple[str, type[BaseModel]]] = [
+        (f"/users/{user['uid']}", UserPublic),
+        (f"/conversations/{conversation['uid']}", ConversationPublic),
+        (f"/messages/{message['uid']}", MessagePublic),
+        ("/users?limit=1", UserPage),  # with a next_cursor
+        ("/users", UserPage),
+        (f"/users/{user['uid']}/conversations", ConversationPage),
+        (f"/conversations/{conversation['uid']}/messages", MessagePage),
+    ]
+    for path, public in cases:
+        response = client.get(path)
+        assert response.status_code == 200, path
+        expected = public.model_validate_json(response.content).model_dump_json().encode()
+        assert response.content == expected, path
+    assert client.get("/users?limit=1").json()["next_cursor"] is not None
+
+
+@asynccontextmanager
+async def _engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(make_settings(postgres_url, db_statement_timeout_ms=300))
+    try:
+        await init_db(engine)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def _queries_logged(connection: Any) -> tuple[list[str], Callable[[], None]]:
+    """Statements asyncpg itself runs on `connection` (the driver path; not Core's
+    prepared statements, nor the adapter's BEGIN/COMMIT), and a function that stops
+    recording."""
+    driver = connection.sync_connection.connection.driver_connection
+    seen: list[str] = []
+
+    def record(query: Any) -> None:
+        if not query.query.startswith(("BEGIN", "COMMIT", "ROLLBACK")):
+            seen.append(query.query)
+
+    driver.add_query_logger(record)
+    return seen, lambda: driver.remove_query_logger(record)
+
+
+def _user(number: int) -> UserCreate:
+    return UserCreate(
+        username=f"user{number}",
+        email=f"user{number}@example.com",
+        first_name="Ada",
+        last_name="Lovelace",
+    )
+
+
+async def _reads(session: AsyncSession, uids: list[uuid.UUID]) -> list[Any]:
+    """Every kind of read the routes make, in autocommit as a GET's session is."""
+    first = await crud.list_users(session, page=PageRequest(limit=2, after=None))
+    after = Cursor(at=first[1]["created_at"], uid=first[1]["uid"])
+    return [
+        first,
+        await crud.list_users(session, page=PageRequest(limit=2, after=after)),
+        await crud.read_row(session, model=User, uid=uids[0]),
+        await crud.exists(session, model=User, uid=uids[1]),
+        await crud.exists(session, model=User, uid=uuid.uuid4()),
+    ]
+
+
+@pytest.mark.postgres
+def test_driver_reads_give_the_rows_core_gives(postgres_url: str) -> None:
+    statements: list[str] = []
+
+    def watch(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    async def scenario() -> tuple[list[Any], list[Any], list[str]]:
+        async with _engine(postgres_url) as engine:
+            sessions = create_sessionmaker(engine)
+            async with sessions() as session:
+                uids = [(await crud.create_user(session, data=_user(n))).uid for n in range(5)]
+                await session.commit()
+            async with sessions(bind=autocommit(engine)) as session:
+                seen, stop = _queries_logged(await session.connection())
+                driver_reads = await _reads(session, uids)
+                stop()
+            event.listen(engine.sync_engine, "before_cursor_execute", watch)
+            try:
+                async with sessions(bind=autocommit(engine)) as session:
+                    core_reads = await _reads(session, uids)
+            finally:
+                event.remove(engine.sync_engine, "before_cursor_execute", watch)
+            return driver_reads, core_reads, seen
+
+    driver_reads, core_reads, seen = asyncio.run(scenario())
+
+    assert driver_reads == core_reads
+    assert [list(row) for row in driver_reads[0]] == [list(row) for row in core_reads[0]]
+    assert len(driver_reads[0]) == 3  # one row more than the page
+    assert len(seen) == 5  # without a watcher, every read ran on the driver
+    assert len(statements) == 5  # with one, every read went through Core
+
+
+@pytest.mark.postgres
+def test_a_read_inside_a_transaction_goes_through_it(postgres_url: str) -> None:
+    """Even as the transaction's first statement (the adapter sends BEGIN lazily, on
+    the first statement it runs): a read outside would see another snapshot, and
+    behind PgBouncer in transaction mode possibly another server connection."""
+
+    async def scenario() -> None:
+        async with _engine(postgres_url) as engine:
+            sessions = create_sessionmaker(engine)
+            async with sessions() as session:
+                existing = await crud.create_user(session, data=_user(1))
+                await session.commit()
+            async with sessions() as session:
+                seen, stop = _queries_logged(await session.connection())
+                first = await crud.read_row(session, model=User, uid=existing.uid)
+                created = await crud.create_user(session, data=_user(2))
+                # Uncommitted: only a read inside this transaction can see it.
+                second = await crud.read_row(session, model=User, uid=created.uid)
+                stop()
+                await session.rollback()
+            assert first is not None and second is not None
+            assert seen == []
+
+    asyncio.run(scenario())
+
+
+_SLEEP = select(func.pg_sleep(bindparam("seconds")))
+
+
+@pytest.mark.postgres
+def test_driver_reads_fail_as_core_reads_do(postgres_url: str) -> None:
+    """A statement timeout and a lost connection raise the DBAPIErrors the service
+    maps to 503 (with their SQLSTATE), and the lost connection is invalidated."""
+
+    async def scenario() -> None:
+        async with _engine(postgres_url) as engine:
+            async with autocommit(engine).connect() as connection:
+                with pytest.raises(DBAPIError) as timed_out:
+                    await core.fetch_on(connection, _SLEEP, {"seconds": 2.0})
+                assert getattr(timed_out.value.orig, "sqlstate", None) == "57014"
+                assert not timed_out.value.connection_invalidated
+                assert len(await core.fetch_on(connection, _SLEEP, {"seconds": 0.0})) == 1
+
+            async with autocommit(engine).connect() as connection:
+                pid = (await connection.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+                async with autocommit(engine).connect() as other:
+                    await other.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+                with pytest.raises(DBAPIError) as lost:
+                    await core.fetch_on(connection, _SLEEP, {"seconds": 0.0})
+                assert lost.value.connection_invalidated
+                assert connection.invalidated
+
+            async with autocommit(engine).connect() as connection:  # the pool recovered
+                assert await core.fetch_on(connection, _SLEEP, {"seconds": 0.0})
+
+    asyncio.run(scenario())
