@@ -9,11 +9,12 @@ from typing import Literal
 
 import anyio
 from pydantic import BaseModel, Field
+from sqlalchemy import literal_column, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.db import ReplicaSet, pool_status
+from service.db import ReplicaSet, core, pool_status
 from service.errors import RETRY_AFTER_SECONDS
 from service.models import utc_now
 from service.openapi import operation
@@ -72,6 +73,7 @@ NO_STORE = {"Cache-Control": "no-store"}
 # A failing check says when to look again, as every other 503 does.
 FAILING = {**NO_STORE, "Retry-After": str(RETRY_AFTER_SECONDS)}
 LIVE_BODY = Liveness(status="pass").model_dump_json().encode()
+_PING = select(literal_column("1"))
 
 
 async def _database_answers(engine: AsyncEngine) -> bool:
@@ -79,7 +81,7 @@ async def _database_answers(engine: AsyncEngine) -> bool:
     try:
         with anyio.fail_after(HEALTH_TIMEOUT_SECONDS):
             async with engine.connect() as connection:
-                await connection.exec_driver_sql("SELECT 1")
+                await core.fetch_on(connection, _PING, {})
     except Exception as exc:  # any failure to answer is a "fail", whatever its kind
         logger.warning("health check failed: %s", type(exc).__name__)
         return False
