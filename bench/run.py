@@ -93,6 +93,7 @@ WARMUP_SECONDS = 2
 STARTUP_TRIALS = 3
 P99_GOAL = 2.0  # the service's p99 at most this many times its reference's
 PEER_GOAL = 1.3  # the service's req/s at least this many times each peer's
+TAIL_GOAL = 3.0  # the service's p99 at most this many times its own p50 (issue 14), 0 errors
 PEER_APPS = {SEED: "peer_seed:app", ADVANCED_ALCHEMY: "peer_advanced_alchemy:app"}
 QUICK_WARNING = (
     "**--quick: a smoke test of the harness. One short round per target; these figures "
@@ -267,6 +268,10 @@ class Comparison:
     def p99_ok(self) -> bool:
         return self.p99_ratio <= P99_GOAL
 
+    @property
+    def tail_ratio(self) -> float:
+        return self.service.p99_ms / self.service.p50_ms
+
     def peer_ratio(self, peer: str) -> float:
         return self.service.rps / self.peers[peer].rps
 
@@ -365,6 +370,16 @@ def checks_table(
             f"{c.p99_ratio:.2f}x ({c.service.p99_ms:.1f} vs {c.reference.p99_ms:.1f} ms)",
             f"≤ {P99_GOAL}x",
             verdict(c.p99_ok),
+        ]
+        for c in comparisons
+    ]
+    rows += [
+        [
+            f"{c.workload.name} p99/p50 of the service, and its errors",
+            f"{c.tail_ratio:.2f}x ({c.service.p99_ms:.1f} / {c.service.p50_ms:.1f} ms), "
+            f"{c.service.errors} errors",
+            f"≤ {TAIL_GOAL}x, 0 errors",
+            verdict(c.tail_ratio <= TAIL_GOAL and c.service.errors == 0),
         ]
         for c in comparisons
     ]
