@@ -196,3 +196,29 @@ def test_driver_reads_fail_as_core_reads_do(postgres_url: str) -> None:
                 assert await core.fetch_on(connection, _SLEEP, {"seconds": 0.0})
 
     asyncio.run(scenario())
+
+
+@pytest.mark.postgres
+def test_a_client_side_timeout_stays_the_timeout_error_core_gives(postgres_url: str) -> None:
+    """Behind PgBouncer the only timeout is asyncpg's own (command_timeout): it must
+    reach the handlers as the bare TimeoutError Core lets through (a 503), on both
+    paths."""
+
+    def watch(*_: Any) -> None:
+        """Listening for cursor events sends reads through Core."""
+
+    async def scenario() -> None:
+        settings = make_settings(postgres_url, db_statement_timeout_ms=300, db_pgbouncer=True)
+        engine = create_engine(settings)
+        try:
+            for watched in (False, True):
+                if watched:
+                    event.listen(engine.sync_engine, "before_cursor_execute", watch)
+                async with autocommit(engine).connect() as connection:
+                    with pytest.raises(TimeoutError):
+                        await core.fetch_on(connection, _SLEEP, {"seconds": 2.0})
+        finally:
+            event.remove(engine.sync_engine, "before_cursor_execute", watch)
+            await engine.dispose()
+
+    asyncio.run(scenario())

@@ -98,12 +98,14 @@ def _compile(query: Select[Any], connection: AsyncConnection) -> tuple[str, tupl
 def _raise_as_sqlalchemy(
     connection: Connection, error: Exception, sql: str, arguments: list[Any]
 ) -> NoReturn:
-    """What `Connection.execute` does with a driver error: the dialect translates it,
-    SQLAlchemy wraps it (hiding parameters as the engine does) and invalidates the
-    connection if it was lost. Runs in a greenlet: invalidation may await."""
+    """What `Connection.execute` does with a driver error: the dialect translates it;
+    a DB-API error SQLAlchemy wraps (hiding parameters as the engine does) and, if
+    the connection was lost, invalidates it; anything else (asyncpg's own client
+    timeout, a TimeoutError) goes on as it is. Runs in a greenlet: invalidation
+    may await."""
     adapted = connection.connection.dbapi_connection
     try:
         adapted._handle_exception(error)  # type: ignore[union-attr]  # always raises
-    except Exception as translated:
+    except connection.dialect.loaded_dbapi.Error as translated:
         connection._handle_dbapi_exception(translated, sql, tuple(arguments), None, None)
     raise AssertionError("unreachable: the dialect re-raises every error")  # pragma: no cover
