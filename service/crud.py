@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import uuid
 from functools import cache
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Column, Row, Select, bindparam, insert, select, update
+from sqlalchemy import Column, Select, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -143,12 +144,11 @@ async def delete_row(session: AsyncSession, row: Entity) -> None:
 
 # -- users -------------------------------------------------------------------
 
-_INSERT_USER = insert(User.__table__).returning(*User.__table__.c)
 
-
-async def create_user(session: AsyncSession, *, data: UserCreate) -> Row[Any]:
-    """The new user as a plain row. One Core INSERT … RETURNING: the body is already
-    validated, and building and flushing an ORM object cost more than the statement."""
+async def create_user(session: AsyncSession, *, data: UserCreate) -> SimpleNamespace:
+    """The new user, its fields readable as a row's are. One INSERT of values made
+    here: the body is already validated, and they are exactly what the row holds, so
+    there is nothing to read back (no RETURNING, no result), and no ORM object."""
     now = utc_now()
     values = {
         **data.model_dump(),
@@ -158,7 +158,8 @@ async def create_user(session: AsyncSession, *, data: UserCreate) -> Row[Any]:
         "created_at": now,
         "updated_at": now,
     }
-    return (await core.execute(session, _INSERT_USER, values)).one()
+    await core.insert_row(session, User.__table__, values)
+    return SimpleNamespace(**values)
 
 
 async def list_users(session: AsyncSession, *, page: PageRequest) -> list[RowData]:

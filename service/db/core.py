@@ -22,10 +22,12 @@ the same statements through Core.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, NoReturn
 
-from sqlalchemy import CursorResult, Executable, Select
+from sqlalchemy import CursorResult, Dialect, Executable, Select, Table, insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.util import greenlet_spawn
@@ -107,3 +109,43 @@ def _raise_as_sqlalchemy(
     except Exception as translated:
         connection._handle_dbapi_exception(translated, sql, tuple(arguments), None, None)
     raise AssertionError("unreachable: the dialect re-raises every error")  # pragma: no cover
+
+
+# -- writes --------------------------------------------------------------------
+# Kept apart from the reads above: an INSERT whose row the caller already holds
+# needs no result, so it runs as the driver's own SQL rather than as a Core
+# statement, skipping the compiled-cache lookup and the result machinery.
+
+
+@dataclass(frozen=True)
+class _DriverInsert:
+    """`INSERT INTO <table> (<every column>) VALUES (...)` in a dialect's own SQL and
+    positional parameter style, with the column types' bind conversions for it."""
+
+    sql: str
+    keys: tuple[str, ...]
+    converters: tuple[Callable[[Any], Any] | None, ...]
+
+    def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(
+            values[key] if convert is None else convert(values[key])
+            for key, convert in zip(self.keys, self.converters, strict=True)
+        )
+
+
+@lru_cache(maxsize=16)  # a few tables, one dialect per engine
+def _driver_insert(table: Table, dialect: Dialect) -> _DriverInsert:
+    compiled = insert(table).compile(dialect=dialect)
+    keys = tuple(compiled.positiontup or ())
+    converters = tuple(
+        table.c[key].type.dialect_impl(dialect).bind_processor(dialect) for key in keys
+    )
+    return _DriverInsert(compiled.string, keys, converters)
+
+
+async def insert_row(session: AsyncSession, table: Table, values: Mapping[str, Any]) -> None:
+    """Insert one row of `table`, `values` holding every column, on the connection of
+    `session`'s transaction; errors come wrapped as SQLAlchemy wraps any statement's."""
+    connection = await session.connection()
+    statement = _driver_insert(table, connection.dialect)
+    await connection.exec_driver_sql(statement.sql, statement.parameters(values))
