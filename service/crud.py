@@ -151,7 +151,7 @@ async def create_user(session: AsyncSession, *, data: UserCreate) -> SimpleNames
     there is nothing to read back (no RETURNING, no result), and no ORM object."""
     now = utc_now()
     values = {
-        **data.model_dump(),
+        **vars(data),  # model_dump() of a flat body, without SQLModel's wrapper around it
         "uid": uuid.uuid4(),
         "email_key": email_key(data.email),
         "verified_at": now if data.is_verified else None,
