@@ -112,9 +112,13 @@ def _raise_as_sqlalchemy(
 
 
 # -- writes --------------------------------------------------------------------
-# Kept apart from the reads above: an INSERT whose row the caller already holds
-# needs no result, so it runs as the driver's own SQL rather than as a Core
-# statement, skipping the compiled-cache lookup and the result machinery.
+# Kept apart from the reads above. An INSERT whose row the caller already holds
+# needs no result, so it runs in the dialect's own SQL on the DB-API cursor of the
+# session's connection, skipping SQLAlchemy's compiled-cache lookup, execution
+# context and result machinery. It is inside a transaction, so it goes through
+# SQLAlchemy's DB-API adapter (not straight to asyncpg, as autocommit reads do):
+# the adapter opens the transaction (BEGIN) on first use and translates driver
+# errors; `_execute` then hands them to SQLAlchemy as `Connection.execute` would.
 
 
 @dataclass(frozen=True)
@@ -144,8 +148,21 @@ def _driver_insert(table: Table, dialect: Dialect) -> _DriverInsert:
 
 
 async def insert_row(session: AsyncSession, table: Table, values: Mapping[str, Any]) -> None:
-    """Insert one row of `table`, `values` holding every column, on the connection of
-    `session`'s transaction; errors come wrapped as SQLAlchemy wraps any statement's."""
+    """Insert one row of `table`, `values` holding every column, in `session`'s
+    transaction (on its connection, committed or rolled back with it)."""
     connection = await session.connection()
     statement = _driver_insert(table, connection.dialect)
-    await connection.exec_driver_sql(statement.sql, statement.parameters(values))
+    await connection.run_sync(_execute, statement.sql, statement.parameters(values))
+
+
+def _execute(connection: Connection, sql: str, parameters: tuple[Any, ...]) -> None:
+    """`sql` on the DB-API cursor of `connection`. A driver error takes SQLAlchemy's
+    own path, as from `Connection.execute`: wrapped as `DBAPIError`, a lost connection
+    invalidated; anything else (a client-side timeout) passes through unwrapped."""
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql, parameters)
+    except connection.dialect.loaded_dbapi.Error as error:
+        connection._handle_dbapi_exception(error, sql, parameters, cursor, None)
+    finally:
+        cursor.close()
