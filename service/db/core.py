@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 from sqlalchemy import CursorResult, Dialect, Executable, Select, Table, insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -150,9 +151,15 @@ def _driver_insert(table: Table, dialect: Dialect) -> _DriverInsert:
 async def insert_row(session: AsyncSession, table: Table, values: Mapping[str, Any]) -> None:
     """Insert one row of `table`, `values` holding every column, in `session`'s
     transaction (on its connection, committed or rolled back with it)."""
-    connection = await session.connection()
+    # One greenlet for taking the connection and the statement, and no AsyncConnection
+    # proxy, which `session.connection()` builds and registers for every request.
+    await session.run_sync(_insert, table, values)
+
+
+def _insert(session: Session, table: Table, values: Mapping[str, Any]) -> None:
+    connection = session.connection()
     statement = _driver_insert(table, connection.dialect)
-    await connection.run_sync(_execute, statement.sql, statement.parameters(values))
+    _execute(connection, statement.sql, statement.parameters(values))
 
 
 def _execute(connection: Connection, sql: str, parameters: tuple[Any, ...]) -> None:
