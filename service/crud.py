@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import uuid
 from functools import cache
-from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Column, Select, bindparam, select, update
@@ -145,10 +144,10 @@ async def delete_row(session: AsyncSession, row: Entity) -> None:
 # -- users -------------------------------------------------------------------
 
 
-async def create_user(session: AsyncSession, *, data: UserCreate) -> SimpleNamespace:
-    """The new user, its fields readable as a row's are. One INSERT of values made
-    here: the body is already validated, and they are exactly what the row holds, so
-    there is nothing to read back (no RETURNING, no result), and no ORM object."""
+async def create_user(session: AsyncSession, *, data: UserCreate) -> RowData:
+    """The new user as a read's row (its public columns, in order). One INSERT of
+    values made here: the body is already validated, and they are exactly what the
+    row holds, so there is nothing to read back (no RETURNING) and no ORM object."""
     now = utc_now()
     values = {
         **vars(data),  # model_dump() of a flat body, without SQLModel's wrapper around it
@@ -159,7 +158,7 @@ async def create_user(session: AsyncSession, *, data: UserCreate) -> SimpleNames
         "updated_at": now,
     }
     await core.insert_row(session, User.__table__, values)
-    return SimpleNamespace(**values)
+    return {name: values[name] for name in UserPublic.model_fields}
 
 
 async def list_users(session: AsyncSession, *, page: PageRequest) -> list[RowData]:
