@@ -14,7 +14,7 @@ import uuid
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Column, Row, Select, bindparam, insert, select, update
+from sqlalchemy import Column, Select, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -143,22 +143,22 @@ async def delete_row(session: AsyncSession, row: Entity) -> None:
 
 # -- users -------------------------------------------------------------------
 
-_INSERT_USER = insert(User.__table__).returning(*User.__table__.c)
 
-
-async def create_user(session: AsyncSession, *, data: UserCreate) -> Row[Any]:
-    """The new user as a plain row. One Core INSERT … RETURNING: the body is already
-    validated, and building and flushing an ORM object cost more than the statement."""
+async def create_user(session: AsyncSession, *, data: UserCreate) -> RowData:
+    """The new user as a read's row (its public columns, in order). One INSERT of
+    values made here: the body is already validated, and they are exactly what the
+    row holds, so there is nothing to read back (no RETURNING) and no ORM object."""
     now = utc_now()
     values = {
-        **data.model_dump(),
+        **vars(data),  # model_dump() of a flat body, without SQLModel's wrapper around it
         "uid": uuid.uuid4(),
         "email_key": email_key(data.email),
         "verified_at": now if data.is_verified else None,
         "created_at": now,
         "updated_at": now,
     }
-    return (await core.execute(session, _INSERT_USER, values)).one()
+    await core.insert_row(session, User.__table__, values)
+    return {name: values[name] for name in UserPublic.model_fields}
 
 
 async def list_users(session: AsyncSession, *, page: PageRequest) -> list[RowData]:

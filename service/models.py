@@ -14,10 +14,12 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, ConfigDict, EmailStr, StringConstraints, model_validator
+from pydantic import AfterValidator, ConfigDict, StringConstraints, model_validator
 from sqlalchemy import Column, ForeignKey, Index, Integer, LargeBinary, String, Text, func
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
+
+from service.emails import EmailAddress
 
 MAX_MESSAGE_CHARS = 100_000
 
@@ -59,7 +61,7 @@ def _bounded(min_length: int, max_length: int) -> Any:
 Username = _bounded(1, 64)
 PersonName = _bounded(1, 100)
 Title = _bounded(1, 200)
-Email = Annotated[EmailStr, StringConstraints(max_length=254)]
+Email = Annotated[EmailAddress, StringConstraints(max_length=254)]
 MessageText = _bounded(0, MAX_MESSAGE_CHARS)
 Role = Literal["user", "admin"]
 

@@ -1,7 +1,9 @@
 """service.db.core's reads: what a client receives is what the public models write,
 and on PostgreSQL the driver path (autocommit reads straight on asyncpg) gives the
 rows Core gives, fails as Core fails, and stays out of transactions and of
-connections someone watches through SQLAlchemy's cursor events."""
+connections someone watches through SQLAlchemy's cursor events. Its writes:
+`insert_row` stores exactly the values given, inside the session's transaction,
+failing with SQLAlchemy's own errors, on each backend."""
 
 from __future__ import annotations
 
@@ -13,14 +15,16 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from sqlalchemy import bindparam, event, func, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import bindparam, event, func, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.testclient import TestClient
 
 from service import crud
-from service.db import autocommit, core, create_engine, create_sessionmaker, init_db
+from service.config import Settings
+from service.db import autocommit, core, create_engine, create_sessionmaker, dispose, init_db
+from service.lifespan import start
 from service.models import (
     ConversationPage,
     ConversationPublic,
@@ -30,10 +34,12 @@ from service.models import (
     UserCreate,
     UserPage,
     UserPublic,
+    email_key,
+    utc_now,
 )
 from service.pagination import Cursor, PageRequest
 from tests.conftest import make_settings
-from tests.factories import create_conversation, create_message, create_user
+from tests.factories import create_conversation, create_message, create_user, user_body
 
 
 def test_reads_and_pages_are_the_bytes_the_public_models_write(client: TestClient) -> None:
@@ -117,7 +123,7 @@ def test_driver_reads_give_the_rows_core_gives(postgres_url: str) -> None:
         async with _engine(postgres_url) as engine:
             sessions = create_sessionmaker(engine)
             async with sessions() as session:
-                uids = [(await crud.create_user(session, data=_user(n))).uid for n in range(5)]
+                uids = [(await crud.create_user(session, data=_user(n)))["uid"] for n in range(5)]
                 await session.commit()
             async with sessions(bind=autocommit(engine)) as session:
                 seen, stop = _queries_logged(await session.connection())
@@ -154,10 +160,10 @@ def test_a_read_inside_a_transaction_goes_through_it(postgres_url: str) -> None:
                 await session.commit()
             async with sessions() as session:
                 seen, stop = _queries_logged(await session.connection())
-                first = await crud.read_row(session, model=User, uid=existing.uid)
+                first = await crud.read_row(session, model=User, uid=existing["uid"])
                 created = await crud.create_user(session, data=_user(2))
                 # Uncommitted: only a read inside this transaction can see it.
-                second = await crud.read_row(session, model=User, uid=created.uid)
+                second = await crud.read_row(session, model=User, uid=created["uid"])
                 stop()
                 await session.rollback()
             assert first is not None and second is not None
@@ -222,3 +228,90 @@ def test_a_client_side_timeout_stays_the_timeout_error_core_gives(postgres_url: 
             await engine.dispose()
 
     asyncio.run(scenario())
+
+
+# -- writes ----------------------------------------------------------------------
+
+
+def test_a_created_user_is_the_bytes_the_public_model_writes(client: TestClient) -> None:
+    """POST /users answers from the values it inserted, written as a read's row."""
+    response = client.post("/users", json=user_body())
+    assert response.status_code == 201
+    expected = UserPublic.model_validate_json(response.content).model_dump_json().encode()
+    assert response.content == expected
+    assert response.headers["location"] == f"/users/{response.json()['uid']}"
+
+
+USERS = User.__table__
+
+
+def _user_row(email: str, *, verified: bool) -> dict[str, Any]:
+    now = utc_now()
+    return {
+        "uid": uuid.uuid4(),
+        "username": "ada",
+        "email": email,
+        "first_name": "Ada",
+        "last_name": "Lovelace",
+        "role": "admin",
+        "is_verified": verified,
+        "verified_at": now if verified else None,
+        "created_at": now,
+        "updated_at": now,
+        "email_key": email_key(email),
+    }
+
+
+def test_insert_row_commits_and_rolls_back_with_the_session(settings: Settings) -> None:
+    kept = _user_row("kept@example.com", verified=True)
+    dropped = _user_row("dropped@example.com", verified=False)
+
+    async def scenario() -> tuple[list[dict[str, Any]], type[BaseException]]:
+        engine = await start(settings)
+        sessions = create_sessionmaker(engine)
+        try:
+            async with sessions() as session:
+                await core.insert_row(session, USERS, kept)
+                await session.commit()
+            async with sessions() as session:
+                await core.insert_row(session, USERS, dropped)
+                await session.rollback()
+            async with sessions() as session:
+                with pytest.raises(IntegrityError) as taken:  # the unique email key
+                    await core.insert_row(
+                        session, USERS, {**dropped, "email_key": kept["email_key"]}
+                    )
+            async with sessions() as session:
+                rows = (await core.execute(session, select(USERS), {})).mappings().all()
+            return [dict(row) for row in rows], taken.type
+        finally:
+            await dispose(engine)
+
+    rows, error = asyncio.run(scenario())
+    assert rows == [kept]  # every value reads back as given: uuid, bool, UTC timestamps
+    assert error is IntegrityError
+
+
+@pytest.mark.postgres
+def test_insert_row_on_a_lost_connection_says_it_was_invalidated(postgres_url: str) -> None:
+    """As for any statement, so the service answers 503 and the pool replaces it."""
+
+    async def scenario() -> tuple[bool, int]:
+        engine = await start(make_settings(postgres_url))
+        sessions = create_sessionmaker(engine)
+        try:
+            async with sessions() as session:
+                pid = (await session.exec(text("SELECT pg_backend_pid()"))).one()[0]
+                async with engine.connect() as other:
+                    await other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                with pytest.raises(DBAPIError) as lost:
+                    await core.insert_row(
+                        session, USERS, _user_row("a@example.com", verified=False)
+                    )
+            async with sessions() as session:
+                count = (await session.exec(text("SELECT count(*) FROM users"))).one()[0]
+            return lost.value.connection_invalidated, count
+        finally:
+            await dispose(engine)
+
+    assert asyncio.run(scenario()) == (True, 0)

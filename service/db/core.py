@@ -22,12 +22,15 @@ the same statements through Core.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, NoReturn
 
-from sqlalchemy import CursorResult, Executable, Select
+from sqlalchemy import CursorResult, Dialect, Executable, Select, Table, insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -109,3 +112,66 @@ def _raise_as_sqlalchemy(
     except connection.dialect.loaded_dbapi.Error as translated:
         connection._handle_dbapi_exception(translated, sql, tuple(arguments), None, None)
     raise AssertionError("unreachable: the dialect re-raises every error")  # pragma: no cover
+
+
+# -- writes --------------------------------------------------------------------
+# Kept apart from the reads above. An INSERT whose row the caller already holds
+# needs no result, so it runs in the dialect's own SQL on the DB-API cursor of the
+# session's connection, skipping SQLAlchemy's compiled-cache lookup, execution
+# context and result machinery. It is inside a transaction, so it goes through
+# SQLAlchemy's DB-API adapter (not straight to asyncpg, as autocommit reads do):
+# the adapter opens the transaction (BEGIN) on first use and translates driver
+# errors; `_execute` then hands them to SQLAlchemy as `Connection.execute` would.
+
+
+@dataclass(frozen=True)
+class _DriverInsert:
+    """`INSERT INTO <table> (<every column>) VALUES (...)` in a dialect's own SQL and
+    positional parameter style, with the column types' bind conversions for it."""
+
+    sql: str
+    keys: tuple[str, ...]
+    converters: tuple[Callable[[Any], Any] | None, ...]
+
+    def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(
+            values[key] if convert is None else convert(values[key])
+            for key, convert in zip(self.keys, self.converters, strict=True)
+        )
+
+
+@lru_cache(maxsize=16)  # a few tables, one dialect per engine
+def _driver_insert(table: Table, dialect: Dialect) -> _DriverInsert:
+    compiled = insert(table).compile(dialect=dialect)
+    keys = tuple(compiled.positiontup or ())
+    converters = tuple(
+        table.c[key].type.dialect_impl(dialect).bind_processor(dialect) for key in keys
+    )
+    return _DriverInsert(compiled.string, keys, converters)
+
+
+async def insert_row(session: AsyncSession, table: Table, values: Mapping[str, Any]) -> None:
+    """Insert one row of `table`, `values` holding every column, in `session`'s
+    transaction (on its connection, committed or rolled back with it)."""
+    # One greenlet for taking the connection and the statement, and no AsyncConnection
+    # proxy, which `session.connection()` builds and registers for every request.
+    await session.run_sync(_insert, table, values)
+
+
+def _insert(session: Session, table: Table, values: Mapping[str, Any]) -> None:
+    connection = session.connection()
+    statement = _driver_insert(table, connection.dialect)
+    _execute(connection, statement.sql, statement.parameters(values))
+
+
+def _execute(connection: Connection, sql: str, parameters: tuple[Any, ...]) -> None:
+    """`sql` on the DB-API cursor of `connection`. A driver error takes SQLAlchemy's
+    own path, as from `Connection.execute`: wrapped as `DBAPIError`, a lost connection
+    invalidated; anything else (a client-side timeout) passes through unwrapped."""
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql, parameters)
+    except connection.dialect.loaded_dbapi.Error as error:
+        connection._handle_dbapi_exception(error, sql, parameters, cursor, None)
+    finally:
+        cursor.close()

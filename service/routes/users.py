@@ -30,7 +30,7 @@ async def create_user(request: Request) -> Response:
     data = await read_body(request, UserCreate)
     session: AsyncSession = request.state.db
     user = await crud.create_user(session, data=data)
-    response = resource_response(UserPublic, user, status=201, location=f"/users/{user.uid}")
+    response = resource_response(UserPublic, user, status=201, location=f"/users/{user['uid']}")
     await idempotency.save(request, response)
     await session.commit()
     return response
