@@ -54,27 +54,39 @@ async def fetch(
 
     Parameters must already be what the database stores (aware UTC datetimes,
     UUIDs): the driver path applies no bind processors."""
-    connection = await session.connection()
-    return await fetch_on(connection, query, params)
+    # The sync connection, in one greenlet and without the AsyncConnection proxy
+    # that `session.connection()` would build for every request.
+    connection = await session.run_sync(Session.connection)
+    return await _fetch(connection, query, params)
 
 
 async def fetch_on(
     connection: AsyncConnection, query: Select[Any], params: Mapping[str, Any]
 ) -> list[RowData]:
     """`fetch` on a connection rather than a session's (health checks have no session)."""
-    sync_connection = connection.sync_connection
-    assert sync_connection is not None  # an AsyncConnection from connect() has started
-    adapted = _asyncpg_in_autocommit(sync_connection)
+    assert connection.sync_connection is not None  # one from connect() has started
+    return await _fetch(connection.sync_connection, query, params)
+
+
+async def _fetch(
+    connection: Connection, query: Select[Any], params: Mapping[str, Any]
+) -> list[RowData]:
+    adapted = _asyncpg_in_autocommit(connection)
     if adapted is None:
-        result = await connection.execute(query, params)
-        return [dict(row) for row in result.mappings()]
+        return await greenlet_spawn(_core_rows, connection, query, params)
     sql, names = _COMPILED.get(query) or _compile(query, connection)
     arguments = [params[name] for name in names]
     try:
         records = await adapted.driver_connection.fetch(sql, *arguments)
     except Exception as error:
-        await greenlet_spawn(_raise_as_sqlalchemy, sync_connection, error, sql, arguments)
+        await greenlet_spawn(_raise_as_sqlalchemy, connection, error, sql, arguments)
     return [dict(record) for record in records]
+
+
+def _core_rows(
+    connection: Connection, query: Select[Any], params: Mapping[str, Any]
+) -> list[RowData]:
+    return [dict(row) for row in connection.execute(query, params).mappings()]
 
 
 def _asyncpg_in_autocommit(connection: Connection) -> Any | None:
@@ -91,7 +103,7 @@ def _asyncpg_in_autocommit(connection: Connection) -> Any | None:
     return adapted if getattr(adapted, "autocommit", False) else None
 
 
-def _compile(query: Select[Any], connection: AsyncConnection) -> tuple[str, tuple[str, ...]]:
+def _compile(query: Select[Any], connection: Connection) -> tuple[str, tuple[str, ...]]:
     compiled = query.compile(dialect=connection.dialect)
     assert compiled.positiontup is not None  # asyncpg's paramstyle is positional ($1)
     _COMPILED[query] = entry = (compiled.string, tuple(compiled.positiontup))
