@@ -132,12 +132,17 @@ class Metrics:
     def request_done(
         self, started: Token[str | None], *, method: str, status: int | None, seconds: float
     ) -> None:
-        """Count and time the request; label lookups are cached per (method, route, status).
+        """The request is over; label lookups are cached per (method, route, status).
         No status means no response was sent: the client went away (or the server
         is stopping), counted as nginx's 499."""
         route = ROUTE_TEMPLATE.get() or UNMATCHED_ROUTE
         ROUTE_TEMPLATE.reset(started)
         self.in_flight.dec()
+        self.count(method=method, route=route, status=status, seconds=seconds)
+
+    def count(self, *, method: str, route: str, status: int | None, seconds: float) -> None:
+        """Count and time one answered request (what `request_done` does once it
+        knows the route; liveness, answered before the router, calls it directly)."""
         key = (method, route, status or CLIENT_CLOSED)
         children = self._request_children.get(key)
         if children is None:

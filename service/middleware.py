@@ -32,6 +32,7 @@ from service.inputs import bearer_token
 from service.logs import REQUEST_ID
 from service.metrics import Metrics
 from service.problems import internal_error_response, render_service_error
+from service.routes.health import LIVE_BODY, LIVE_HEADERS, LIVE_PATH
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("service.access")
@@ -67,6 +68,11 @@ class RequestContextMiddleware:
     header, problem body and log line, and every response is counted. (The
     metrics live here rather than in a layer of their own, which measured
     about 1.5 µs a request more, a third of the whole cost.)
+
+    It also answers GET and HEAD /health/live itself, with the route's own bytes,
+    logged and counted like any request: liveness proves the event loop answers,
+    the platform polls it all day, and it must not depend on the router or the
+    database; skipping the layers below cut its cost to under half.
     """
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics | None = None) -> None:
@@ -79,6 +85,9 @@ class RequestContextMiddleware:
             return
         incoming = _request_id_header(scope)
         request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        if scope["path"] == LIVE_PATH and scope["method"] in SAFE_METHODS:
+            await self._answer_liveness(scope, send, request_id)
+            return
         token = REQUEST_ID.set(request_id)
         scope = with_state(scope, request_id=request_id)
         metrics = self.metrics
@@ -103,22 +112,45 @@ class RequestContextMiddleware:
             logger.exception("unhandled error in %s %s", scope["method"], raw_path(scope))
             await internal_error_response(request_id)(scope, receive, send_with_request_id)
         finally:
-            if access_logger.isEnabledFor(logging.INFO):  # LOG_LEVEL=warning skips the work
-                access_logger.info(
-                    "%s %s %s %.1fms",
-                    scope["method"],
-                    raw_path(scope),
-                    status or "-",
-                    (time.perf_counter() - started_at) * 1000,
-                )
+            seconds = time.perf_counter() - started_at
+            _log_access(scope, status, seconds)
             if metrics is not None and route_token is not None:
                 metrics.request_done(
-                    route_token,
-                    method=scope["method"],
-                    status=status,
-                    seconds=time.perf_counter() - started_at,
+                    route_token, method=scope["method"], status=status, seconds=seconds
                 )
             REQUEST_ID.reset(token)
+
+    async def _answer_liveness(self, scope: Scope, send: Send, request_id: str) -> None:
+        """The liveness route's own answer, sent without the layers below this one:
+        it proves the event loop answers, the platform polls it all day, and it must
+        not depend on the router or the database (see service.routes.health)."""
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.in_flight.inc()
+        started_at = time.perf_counter()
+        headers = [*LIVE_HEADERS, (b"x-request-id", request_id.encode("latin-1"))]
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            body = LIVE_BODY if scope["method"] == "GET" else b""
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            seconds = time.perf_counter() - started_at
+            if access_logger.isEnabledFor(logging.INFO):
+                # Set only for the log line: setting a ContextVar costs ~4 % of the answer.
+                token = REQUEST_ID.set(request_id)
+                _log_access(scope, 200, seconds)
+                REQUEST_ID.reset(token)
+            if metrics is not None:
+                metrics.in_flight.dec()
+                metrics.count(method=scope["method"], route=LIVE_PATH, status=200, seconds=seconds)
+
+
+def _log_access(scope: Scope, status: int | None, seconds: float) -> None:
+    """The request's access-log line (LOG_LEVEL=warning skips the work)."""
+    if access_logger.isEnabledFor(logging.INFO):
+        access_logger.info(
+            "%s %s %s %.1fms", scope["method"], raw_path(scope), status or "-", seconds * 1000
+        )
 
 
 def _request_id_header(scope: Scope) -> str:

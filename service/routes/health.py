@@ -1,4 +1,12 @@
-"""Health checks for the platform and monitors: /health (readiness) and /health/live."""
+"""Health checks for the platform and monitors: /health (readiness) and /health/live.
+
+Liveness is defined here once (its body, headers and OpenAPI entry), but a GET or
+HEAD of /health/live is answered by `service.middleware.RequestContextMiddleware`
+with the same bytes, before the router, the session middleware and Starlette's
+exception handling: liveness proves that the event loop answers, the platform polls
+it all day, and it must not depend on the router or the database. The route stays
+for the OpenAPI document and for the 405 that other methods get.
+"""
 
 from __future__ import annotations
 
@@ -72,6 +80,7 @@ class Liveness(BaseModel):
 NO_STORE = {"Cache-Control": "no-store"}
 # A failing check says when to look again, as every other 503 does.
 FAILING = {**NO_STORE, "Retry-After": str(RETRY_AFTER_SECONDS)}
+LIVE_PATH = "/health/live"
 LIVE_BODY = Liveness(status="pass").model_dump_json().encode()
 _PING = select(literal_column("1"))
 
@@ -137,10 +146,18 @@ async def read_health(request: Request) -> Response:
 )
 async def read_liveness(request: Request) -> Response:
     """200 while the process can serve requests at all."""
+    return _liveness()
+
+
+def _liveness() -> Response:
     return Response(LIVE_BODY, media_type=HEALTH_MEDIA_TYPE, headers=NO_STORE)
+
+
+# What the middleware sends for GET and HEAD, computed once from the route's answer.
+LIVE_HEADERS = tuple(_liveness().raw_headers)
 
 
 ROUTES = [
     MethodRoute("/health", GET=read_health),
-    MethodRoute("/health/live", GET=read_liveness),
+    MethodRoute(LIVE_PATH, GET=read_liveness),
 ]
