@@ -1,4 +1,4 @@
-"""The application factory: settings -> engine (lifespan) -> middleware -> routes."""
+"""The application factory: settings -> lifespan -> request context -> middleware -> routes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
@@ -47,16 +48,27 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     settings = settings if settings is not None else load_settings()
     # /metrics is an operator's endpoint, outside the API's OpenAPI document.
     extra_routes = metrics_routes.ROUTES if settings.metrics_enabled else []
-    app = Starlette(
+    app = Routed(
         routes=[*_routes(), *extra_routes],
         middleware=[
-            Middleware(
-                RequestContextMiddleware,
-                metrics=metrics() if settings.metrics_enabled else None,
-            ),
             Middleware(BearerAuthMiddleware, api_keys=settings.api_keys),
             Middleware(DBSessionMiddleware),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
     )
-    return Lifespan(app, settings=settings)
+    context = RequestContextMiddleware(app, metrics=metrics() if settings.metrics_enabled else None)
+    return Lifespan(context, settings=settings)
+
+
+class Routed(Starlette):
+    """Starlette without its outermost ServerErrorMiddleware.
+
+    RequestContextMiddleware wraps this app and is the last resort already (a
+    problem+json 500 with the request id), and the server answers 500 to whatever
+    escapes that; Starlette's own safety net under it only cost every request.
+    """
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        assert isinstance(stack, ServerErrorMiddleware)  # how Starlette builds it
+        return stack.app

@@ -63,8 +63,8 @@ class RequestContextMiddleware:
     """Request id, one access-log line per request, the last-resort 500, and the
     request metrics (when given `metrics`).
 
-    Being the outermost of ours (only Starlette's own error safety net wraps
-    it), it sees every response, so the request id lands in every response
+    Being the outermost layer under the lifespan (`service.app` wraps the
+    Starlette app in it), it sees every response, so the request id lands in every response
     header, problem body and log line, and every response is counted. (The
     metrics live here rather than in a layer of their own, which measured
     about 1.5 µs a request more, a third of the whole cost.)

@@ -265,3 +265,22 @@ def test_incoming_request_id_is_kept_only_at_20_to_200_characters(
     assert (response.headers["x-request-id"] == incoming) is kept
     assert response.json()["request_id"] == response.headers["x-request-id"]
     assert 20 <= len(response.headers["x-request-id"]) <= 200
+
+
+def test_an_unexpected_error_in_a_handler_is_a_generic_problem_500(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service's app has no Starlette error page under its request context: the
+    context's own 500 is what the client gets, with no trace of the cause."""
+
+    def broken_document() -> None:
+        raise RuntimeError("password=hunter2 SELECT secret FROM vault")
+
+    monkeypatch.setattr("service.app._document", broken_document)
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path}/t.db")
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/openapi.json")
+
+    body = assert_problem(response, 500)
+    assert "hunter2" not in response.text and "vault" not in response.text
+    assert body["detail"] == "the server failed to handle this request"
