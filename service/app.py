@@ -48,12 +48,12 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     settings = settings if settings is not None else load_settings()
     # /metrics is an operator's endpoint, outside the API's OpenAPI document.
     extra_routes = metrics_routes.ROUTES if settings.metrics_enabled else []
+    middleware = [Middleware(DBSessionMiddleware)]
+    if settings.api_keys:  # open (the default): no layer at all, rather than one that passes
+        middleware.insert(0, Middleware(BearerAuthMiddleware, api_keys=settings.api_keys))
     app = Routed(
         routes=[*_routes(), *extra_routes],
-        middleware=[
-            Middleware(BearerAuthMiddleware, api_keys=settings.api_keys),
-            Middleware(DBSessionMiddleware),
-        ],
+        middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
     )
     context = RequestContextMiddleware(app, metrics=metrics() if settings.metrics_enabled else None)
