@@ -1,6 +1,6 @@
 """Prometheus metrics: what the service measures, and one scrape that sums every worker.
 
-    http_requests_total{method,route,status_class}            counter
+    http_requests_total{method,route,status_class}            counter (the histogram's _count)
     http_request_duration_seconds{method,route,status_class}  histogram
     http_requests_in_flight                                   gauge
     http_unavailable_total{cause}                             counter, 503s by cause
@@ -19,13 +19,16 @@ worker without that directory keeps its values in memory.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextvars import Token
 from functools import cache
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from service.db.pool import FairAsyncQueuePool
 from service.errors import UNAVAILABLE_CAUSES, UnavailableCause
@@ -42,8 +45,7 @@ REQUEST_LABELS = ("method", "route", "status_class")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "unmatched"
 CLIENT_CLOSED = 499  # nginx's status for a client that left before any response
-
-RequestChildren = tuple[Any, Any]  # a counter's and a histogram's bound children
+DURATION = "http_request_duration_seconds"
 
 
 class Metrics:
@@ -55,11 +57,10 @@ class Metrics:
         self.multiprocess = values.ValueClass is not values.MutexValue
         registry = None if self.multiprocess else CollectorRegistry()
         self.registry = registry
-        self.requests = Counter(
-            "http_requests_total", "HTTP requests answered", REQUEST_LABELS, registry=registry
-        )
+        # http_requests_total is read off this histogram's _count at scrape time
+        # (`WithRequestCount`): a counter of its own doubled the work per request.
         self.duration = Histogram(
-            "http_request_duration_seconds",
+            DURATION,
             "Time from receiving a request to its last response byte",
             REQUEST_LABELS,
             buckets=LATENCY_BUCKETS,
@@ -122,7 +123,7 @@ class Metrics:
             "POSTs answered with a stored response for a repeated Idempotency-Key",
             registry=registry,
         )
-        self._request_children: dict[tuple[str, str, int], RequestChildren] = {}
+        self._request_children: dict[tuple[str, str, int], Any] = {}
 
     def request_started(self) -> Token[str | None]:
         """A request is in flight; from here the router records the route it takes."""
@@ -144,23 +145,48 @@ class Metrics:
         """Count and time one answered request (what `request_done` does once it
         knows the route; liveness, answered before the router, calls it directly)."""
         key = (method, route, status or CLIENT_CLOSED)
-        children = self._request_children.get(key)
-        if children is None:
+        duration = self._request_children.get(key)
+        if duration is None:
             labels = (method if method in METHODS else "other", route, f"{key[2] // 100}xx")
-            children = self.requests.labels(*labels), self.duration.labels(*labels)
-            self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+            duration = self._request_children[key] = self.duration.labels(*labels)
+        duration.observe(seconds)
 
     def exposition(self, accept: str) -> tuple[bytes, str]:
         """The scrape body in the format the scraper asked for, and its content type."""
         encode, content_type = choose_encoder(accept)
-        if self.registry is not None:
-            return encode(self.registry), content_type
-        # Built per scrape, as prometheus-client's docs say: it reads every worker's files.
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-        return encode(registry), content_type
+        # Built per scrape in multiprocess mode, as prometheus-client's docs say: it
+        # reads every worker's files.
+        source = self.registry if self.registry is not None else MultiProcessCollector(None)
+        return encode(WithRequestCount(source)), content_type
+
+
+class WithRequestCount:
+    """What `source` collects, plus http_requests_total: the same name, labels and
+    values a counter of its own had, read off the latency histogram's `_count`,
+    which every answered request is observed in exactly once."""
+
+    def __init__(self, source: Collector) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.source.collect():
+            yield family
+            if family.name == DURATION:
+                yield _request_count(family)
+
+
+def _request_count(duration: Metric) -> CounterMetricFamily:
+    requests = CounterMetricFamily("http_requests", "HTTP requests answered", labels=REQUEST_LABELS)
+    created = {
+        tuple(sample.labels.get(name) for name in REQUEST_LABELS): sample.value
+        for sample in duration.samples
+        if sample.name == f"{DURATION}_created"
+    }
+    for sample in duration.samples:
+        if sample.name == f"{DURATION}_count":
+            labels = tuple(sample.labels[name] for name in REQUEST_LABELS)
+            requests.add_metric(labels, sample.value, created=created.get(labels))
+    return requests
 
 
 @cache

@@ -34,6 +34,8 @@ from tests.support import (
     scrape,
 )
 
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
 
 def worker_pids(service: ServiceProcess) -> set[int]:
     """uvicorn's workers: the spawned processes of the service's process group."""
@@ -50,12 +52,14 @@ def worker_pids(service: ServiceProcess) -> set[int]:
 
 
 def requests_counted_per_file(directory: Path) -> dict[str, float]:
-    """http_requests_total as each worker's own file holds it."""
+    """http_requests_total as each worker's own file holds it: the latency
+    histogram's buckets, which the scrape sums into its _count."""
     counted = {}
-    for path in directory.glob("counter_*.db"):
+    for path in directory.glob("histogram_*.db"):
         total = 0.0
         for key, count, _, _ in MmapedDict.read_all_values_from_file(str(path)):
-            if json.loads(key)[0] == "http_requests":
+            metric_name, sample_name = json.loads(key)[:2]
+            if metric_name == "http_request_duration_seconds" and sample_name.endswith("_bucket"):
                 total += count
         counted[path.name] = total
     return counted
@@ -94,6 +98,26 @@ def test_labels_are_route_templates_never_raw_paths(sqlite_client: TestClient) -
     assert moved("http_request_duration_seconds_count", route="/users/{uid}") == 3
     assert user["uid"] not in response.text
     assert "/no/such" not in response.text
+
+
+def test_the_request_count_is_a_counter_equal_to_the_histograms_count(
+    sqlite_client: TestClient,
+) -> None:
+    """http_requests_total is read off the latency histogram at scrape time: still a
+    counter, in both formats, with one series per label set of the histogram."""
+    sqlite_client.get("/health/live")
+    sqlite_client.get("/nowhere")
+    text = sqlite_client.get("/metrics").text
+    openmetrics = sqlite_client.get("/metrics", headers={"Accept": OPENMETRICS}).text
+    samples = parse_metrics(text)
+
+    def series(name: str) -> dict[frozenset[tuple[str, str]], float]:
+        return {labels: value for (n, labels), value in samples.items() if n == name}
+
+    assert "# TYPE http_requests_total counter" in text.splitlines()
+    assert "# TYPE http_requests counter" in openmetrics.splitlines()
+    assert series("http_requests_total") == series("http_request_duration_seconds_count")
+    assert len(series("http_requests_total")) >= 2
 
 
 def test_latency_buckets_resolve_sub_millisecond_to_seconds(sqlite_client: TestClient) -> None:
