@@ -10,7 +10,7 @@ from functools import partial
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
 from service import idempotency
@@ -34,6 +34,17 @@ class MethodRoute(Route):
         # ExceptionMiddleware, which holds the same handlers, rather than a second
         # copy of that layer that Starlette would wrap around every route.
         self.app = self._serve
+        self.static_prefix = path.split("{", 1)[0]
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        """Starlette's match, after a cheap test: the router asks every route in turn,
+        and a path that does not start with this route's literal part cannot match
+        its regex (Starlette's miss costs ~4,700 instructions, a tenth of a liveness
+        answer, and a request to the last route paid ten). A root_path takes the
+        long way, since the path then starts with it."""
+        if scope["path"].startswith(self.static_prefix) or scope.get("root_path"):
+            return super().matches(scope)
+        return Match.NONE, {}
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         ROUTE_TEMPLATE.set(self.path_format)
