@@ -102,11 +102,14 @@ class RequestContextMiddleware:
         started_at = time.perf_counter()
         status: int | None = None
 
+        request_id_header = (b"x-request-id", request_id.encode("latin-1"))
+
         async def send_with_request_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+                # A new list, as MutableHeaders would make, without building one.
+                message["headers"] = [*message.get("headers", ()), request_id_header]
             await send(message)
 
         try:
