@@ -13,8 +13,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -199,17 +198,29 @@ class BearerAuthMiddleware:
 
 class RequestState(dict[str, Any]):
     """A request's copy of the lifespan state whose `db` session is opened on first
-    use, so requests that never touch the database (liveness) pay nothing for it."""
+    use, so requests that never touch the database pay nothing for it: read-only
+    and in autocommit on `read_from` for GET and HEAD, from the sessionmaker as it
+    is otherwise. (Built by `request_state`: dict's own constructor, no Python one.)"""
 
-    def __init__(self, shared: dict[str, Any], *, open_session: Callable[[], AsyncSession]) -> None:
-        super().__init__(shared)
-        self._open_session = open_session
+    __slots__ = ("read_from",)
+    read_from: AsyncEngine | None
 
     def __missing__(self, key: str) -> Any:
         if key != "db":
             raise KeyError(key)
-        session = self["db"] = self._open_session()
+        if self.read_from is None:
+            session = self["sessionmaker"]()
+        else:
+            session = self["sessionmaker"](bind=self.read_from, sync_session_class=ReadOnlySession)
+        self["db"] = session
         return session
+
+
+def request_state(shared: dict[str, Any], *, read_from: AsyncEngine | None) -> RequestState:
+    """A request's state; `read_from`: the engine a GET or HEAD reads from."""
+    state = RequestState(shared)
+    state.read_from = read_from
+    return state
 
 
 async def _release(session: AsyncSession, *, failed: bool) -> None:
@@ -253,21 +264,22 @@ class DBSessionMiddleware:
         shared = scope["state"]
         replicas: ReplicaSet | None = shared.get("replicas")
         if scope["method"] not in SAFE_METHODS:
-            state = RequestState(shared, open_session=shared["sessionmaker"])
+            state = request_state(shared, read_from=None)
             if replicas is not None:
                 send = _sending_token(send, state, replicas)
             await self._run(scope, receive, send, state)
             return
         replica = replicas.choose(presented_token(Headers(scope=scope))) if replicas else None
         if replica is None or not await self._read_from_replica(scope, receive, send, replica):
-            await self._run(scope, receive, send, _read_state(shared, shared["autocommit_engine"]))
+            state = request_state(shared, read_from=shared["autocommit_engine"])
+            await self._run(scope, receive, send, state)
 
     async def _read_from_replica(
         self, scope: Scope, receive: Receive, send: Send, replica: Replica
     ) -> bool:
         """Serve the read from `replica`; False, with nothing sent, if the replica
         failed it (a 5xx or a database error), so the caller retries on the primary."""
-        state = _read_state(scope["state"], replica.autocommit_engine)
+        state = request_state(scope["state"], read_from=replica.autocommit_engine)
         started = failed = False
 
         async def send_unless_failed(message: Message) -> None:
@@ -311,12 +323,6 @@ class DBSessionMiddleware:
             if session is not None:
                 with anyio.CancelScope(shield=True):
                     await _release(session, failed=failed)
-
-
-def _read_state(shared: dict[str, Any], engine: AsyncEngine) -> RequestState:
-    """A GET/HEAD request's state: its session runs in autocommit on `engine`."""
-    open_session = partial(shared["sessionmaker"], bind=engine, sync_session_class=ReadOnlySession)
-    return RequestState(shared, open_session=open_session)
 
 
 def _sending_token(send: Send, state: RequestState, replicas: ReplicaSet) -> Send:
