@@ -7,7 +7,6 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
@@ -18,7 +17,7 @@ from service.lifespan import Lifespan
 from service.metrics import metrics
 from service.middleware import BearerAuthMiddleware, DBSessionMiddleware, RequestContextMiddleware
 from service.openapi import openapi_document, operation
-from service.problems import EXCEPTION_HANDLERS
+from service.problems import EXCEPTION_HANDLERS, ProblemResponses
 from service.routes import all_routes
 from service.routes import metrics as metrics_routes
 from service.routing import MethodRoute
@@ -61,14 +60,17 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
 
 
 class Routed(Starlette):
-    """Starlette without its outermost ServerErrorMiddleware.
+    """Starlette with this service's own layers at both ends of its stack.
 
-    RequestContextMiddleware wraps this app and is the last resort already (a
-    problem+json 500 with the request id), and the server answers 500 to whatever
-    escapes that; Starlette's own safety net under it only cost every request.
+    No ServerErrorMiddleware on top: RequestContextMiddleware wraps this app and
+    is the last resort already (a problem+json 500 with the request id), and the
+    server answers 500 to whatever escapes that. `ProblemResponses` instead of
+    ExceptionMiddleware under the middleware: the same handlers, for less per
+    request.
     """
 
     def build_middleware_stack(self) -> ASGIApp:
-        stack = super().build_middleware_stack()
-        assert isinstance(stack, ServerErrorMiddleware)  # how Starlette builds it
-        return stack.app
+        app: ASGIApp = ProblemResponses(self.router, handlers=self.exception_handlers)
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        return app

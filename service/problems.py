@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import (
     UNREACHABLE,
@@ -21,6 +23,7 @@ from service.errors import (
 from service.metrics import record_unavailable
 
 logger = logging.getLogger(__name__)
+ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
 
 
 class ProblemResponse(JSONResponse):
@@ -113,3 +116,48 @@ EXCEPTION_HANDLERS = {
     SQLAlchemyError: handle_database_error,
     **dict.fromkeys(UNREACHABLE, handle_database_error),
 }
+
+
+class ProblemResponses:
+    """Answers what the router and the routes raise with the handler registered for
+    the exception's class (`EXCEPTION_HANDLERS`), unless the response has started.
+
+    Starlette's ExceptionMiddleware, cut to what this service uses (handlers by
+    class, all async, HTTP only): it built a Request and two closures for every
+    request, ~10,000 instructions, whether anything was raised or not. What no
+    handler takes (or a handler re-raises) goes on up to RequestContextMiddleware.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, handlers: Mapping[type[Exception], ExceptionHandler]
+    ) -> None:
+        self.app = app
+        self.handlers = dict(handlers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_start)
+        except Exception as exc:
+            handler = self._handler_for(exc)
+            if handler is None or started:
+                raise
+            response = await handler(Request(scope, receive), exc)
+            await response(scope, receive, send)
+
+    def _handler_for(self, exc: Exception) -> ExceptionHandler | None:
+        for cls in type(exc).__mro__:
+            handler = self.handlers.get(cls)
+            if handler is not None:
+                return handler
+        return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -13,8 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 from starlette.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
 
 from service.app import create_app
+from service.errors import NotFound
+from service.problems import EXCEPTION_HANDLERS, ProblemResponses
 from tests.conftest import make_settings
 from tests.factories import create_conversation, create_user, user_body
 from tests.support import encode_cursor, running_service
@@ -284,3 +288,38 @@ def test_an_unexpected_error_in_a_handler_is_a_generic_problem_500(
     body = assert_problem(response, 500)
     assert "hunter2" not in response.text and "vault" not in response.text
     assert body["detail"] == "the server failed to handle this request"
+
+
+def test_problem_responses_render_by_class_and_never_after_the_response_started() -> None:
+    """The layer under the middleware: a registered class (or a subclass) becomes its
+    problem; an unregistered one, or one raised once the response has started, goes
+    on up (to RequestContextMiddleware's 500, or the server cutting the connection)."""
+
+    def app_raising(exc: Exception, *, after_start: bool) -> ProblemResponses:
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            if after_start:
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+            raise exc
+
+        return ProblemResponses(app, handlers=EXCEPTION_HANDLERS)
+
+    async def call(app: ProblemResponses) -> list[Message]:
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "state": {}}
+        await app(scope, receive, send)
+        return sent
+
+    start, _ = asyncio.run(call(app_raising(NotFound("gone"), after_start=False)))
+    assert start["status"] == 404
+    assert (b"content-type", b"application/problem+json") in start["headers"]
+    with pytest.raises(NotFound):
+        asyncio.run(call(app_raising(NotFound("gone"), after_start=True)))
+    with pytest.raises(KeyError):
+        asyncio.run(call(app_raising(KeyError("x"), after_start=False)))
