@@ -20,7 +20,6 @@ worker without that directory keeps its values in memory.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextvars import Token
 from functools import cache
 from typing import Any
 
@@ -32,7 +31,6 @@ from prometheus_client.registry import Collector
 
 from service.db.pool import FairAsyncQueuePool
 from service.errors import UNAVAILABLE_CAUSES, UnavailableCause
-from service.routing import ROUTE_TEMPLATE
 
 # From a cached liveness answer (~0.1 ms) to the 5 s pool and 15 s statement timeouts.
 LATENCY_BUCKETS = (
@@ -125,25 +123,21 @@ class Metrics:
         )
         self._request_children: dict[tuple[str, str, int], Any] = {}
 
-    def request_started(self) -> Token[str | None]:
-        """A request is in flight; from here the router records the route it takes."""
+    def request_started(self) -> None:
         self.in_flight.inc()
-        return ROUTE_TEMPLATE.set(None)
 
     def request_done(
-        self, started: Token[str | None], *, method: str, status: int | None, seconds: float
+        self, *, method: str, route: str | None, status: int | None, seconds: float
     ) -> None:
-        """The request is over; label lookups are cached per (method, route, status).
-        No status means no response was sent: the client went away (or the server
-        is stopping), counted as nginx's 499."""
-        route = ROUTE_TEMPLATE.get() or UNMATCHED_ROUTE
-        ROUTE_TEMPLATE.reset(started)
+        """The request is over; `route` is the template of the route that took it
+        (None: no route matched). No status means no response was sent: the client
+        went away (or the server is stopping), counted as nginx's 499."""
         self.in_flight.dec()
-        self.count(method=method, route=route, status=status, seconds=seconds)
+        self.count(method=method, route=route or UNMATCHED_ROUTE, status=status, seconds=seconds)
 
     def count(self, *, method: str, route: str, status: int | None, seconds: float) -> None:
-        """Count and time one answered request (what `request_done` does once it
-        knows the route; liveness, answered before the router, calls it directly)."""
+        """Count and time one answered request; label lookups are cached per (method,
+        route, status). Liveness, answered before the router, calls it directly."""
         key = (method, route, status or CLIENT_CLOSED)
         duration = self._request_children.get(key)
         if duration is None:

@@ -97,7 +97,8 @@ class RequestContextMiddleware:
         token = REQUEST_ID.set(request_id)
         scope = with_state(scope, request_id=request_id)
         metrics = self.metrics
-        route_token = metrics.request_started() if metrics is not None else None
+        if metrics is not None:
+            metrics.request_started()
         started_at = time.perf_counter()
         status: int | None = None
 
@@ -123,9 +124,11 @@ class RequestContextMiddleware:
         finally:
             seconds = time.perf_counter() - started_at
             _log_access(scope, status, seconds)
-            if metrics is not None and route_token is not None:
+            if metrics is not None:
+                # The router leaves the route it chose (even for a 405) in the scope.
+                route = getattr(scope.get("route"), "path_format", None)
                 metrics.request_done(
-                    route_token, method=scope["method"], status=status, seconds=seconds
+                    method=scope["method"], route=route, status=status, seconds=seconds
                 )
             REQUEST_ID.reset(token)
 
@@ -313,8 +316,11 @@ class DBSessionMiddleware:
                         await session.close()
             await send(message)
 
+        # In place: the scope is this request's own, and the router's choice of
+        # route, which it records there, stays visible to the layers above.
+        scope["state"] = state
         try:
-            await self.app({**scope, "state": state}, receive, send_after_release)
+            await self.app(scope, receive, send_after_release)
         except BaseException:
             failed = True
             raise

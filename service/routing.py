@@ -5,7 +5,6 @@ Idempotency-Key goes through service.idempotency."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 from functools import partial
 
 from starlette.requests import Request
@@ -17,9 +16,6 @@ from service import idempotency
 from service.retries import run_with_retries
 
 Handler = Callable[[Request], Awaitable[Response]]
-# The template of the route that took the request (`/users/{uid}`), for the metrics'
-# labels: the middleware outside the router reads it once the response is sent.
-ROUTE_TEMPLATE: ContextVar[str | None] = ContextVar("route_template", default=None)
 
 
 class MethodRoute(Route):
@@ -45,10 +41,6 @@ class MethodRoute(Route):
         if scope["path"].startswith(self.static_prefix) or scope.get("root_path"):
             return super().matches(scope)
         return Match.NONE, {}
-
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ROUTE_TEMPLATE.set(self.path_format)
-        await super().handle(scope, receive, send)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = await self._dispatch(Request(scope, receive, send))
