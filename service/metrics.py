@@ -124,6 +124,7 @@ class Metrics:
         self._request_children: dict[tuple[str, str, int], Any] = {}
 
     def request_started(self) -> None:
+        """A request is in flight (liveness is not: see RequestContextMiddleware)."""
         self.in_flight.inc()
 
     def request_done(

@@ -1,9 +1,9 @@
 """Plain ASGI middleware: request context (and metrics), bearer auth, and the per-request session.
 
-Order, outermost first: RequestContextMiddleware -> BearerAuthMiddleware ->
-DBSessionMiddleware -> Starlette's exception handling -> router. Each passes
-anything that is not HTTP (lifespan included) straight through, and keeps
-nothing per-request on `self`.
+Order, outermost first: RequestContextMiddleware -> (Starlette) ->
+BearerAuthMiddleware (only when API_KEYS is set) -> DBSessionMiddleware ->
+`service.problems.ProblemResponses` -> router. Each passes anything that is not
+HTTP (lifespan included) straight through, and keeps nothing per-request on `self`.
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ class RequestContextMiddleware:
     request metrics (when given `metrics`).
 
     Being the outermost layer under the lifespan (`service.app` wraps the
-    Starlette app in it), it sees every response, so the request id lands in every response
-    header, problem body and log line, and every response is counted. (The
+    Starlette app in it), it sees every response, so the request id lands in
+    every response header, problem body and log line, and every response is
+    counted. (The
     metrics live here rather than in a layer of their own, which measured
     about 1.5 µs a request more, a third of the whole cost.)
 

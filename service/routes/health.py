@@ -2,10 +2,10 @@
 
 Liveness is defined here once (its body, headers and OpenAPI entry), but a GET or
 HEAD of /health/live is answered by `service.middleware.RequestContextMiddleware`
-with the same bytes, before the router, the session middleware and Starlette's
-exception handling: liveness proves that the event loop answers, the platform polls
-it all day, and it must not depend on the router or the database. The route stays
-for the OpenAPI document and for the 405 that other methods get.
+with the same bytes, ahead of Starlette, the router and the session middleware:
+liveness proves that the event loop answers, the platform polls it all day, and it
+must not depend on the router or the database. The route stays for the OpenAPI
+document and for the 405 that other methods get.
 """
 
 from __future__ import annotations
