@@ -227,6 +227,12 @@ def request_state(shared: dict[str, Any], *, read_from: AsyncEngine | None) -> R
     return state
 
 
+def _holds_anything(session: AsyncSession) -> bool:
+    """Whether closing `session` would do anything: outside a transaction it holds no
+    connection, and with no objects it has nothing to let go of."""
+    return session.in_transaction() or bool(session.identity_map)
+
+
 async def _release(session: AsyncSession, *, failed: bool) -> None:
     """Close the session; after an unexpected error or a cancellation the connection
     may be mid-statement (an autocommit read has no transaction to roll back), so
@@ -327,7 +333,8 @@ class DBSessionMiddleware:
             raise
         finally:
             session = state.get("db")  # get() does not open one
-            if session is not None:
+            # Mostly closed at the response's start already, and unused since.
+            if session is not None and (failed or _holds_anything(session)):
                 with anyio.CancelScope(shield=True):
                     await _release(session, failed=failed)
 
