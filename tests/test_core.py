@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import pytest
 from pydantic import BaseModel
 from sqlalchemy import bindparam, event, func, select, text
@@ -40,6 +41,7 @@ from service.models import (
 from service.pagination import Cursor, PageRequest
 from tests.conftest import make_settings
 from tests.factories import create_conversation, create_message, create_user, user_body
+from tests.proxy import Mode, TcpProxy, in_front_of
 
 
 def test_reads_and_pages_are_the_bytes_the_public_models_write(client: TestClient) -> None:
@@ -315,3 +317,29 @@ def test_insert_row_on_a_lost_connection_says_it_was_invalidated(postgres_url: s
             await dispose(engine)
 
     assert asyncio.run(scenario()) == (True, 0)
+
+
+@pytest.mark.postgres
+def test_a_ping_returns_its_connection_and_drops_one_it_gave_up_on(postgres_url: str) -> None:
+    """/health's question: the pooled connection goes back after an answer; one
+    abandoned mid-question (the database went silent) is invalidated, so once the
+    database answers again the next ping gets a fresh connection, not one still
+    waiting for the old answer."""
+
+    async def scenario(proxy: TcpProxy, proxied_url: str) -> None:
+        engine = create_engine(make_settings(proxied_url, db_pool_size=1, db_max_overflow=0))
+        try:
+            await core.ping(engine)
+            assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+            proxy.set_mode(Mode.SILENT)
+            with pytest.raises(TimeoutError):
+                with anyio.fail_after(0.5):
+                    await core.ping(engine)
+            assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+            proxy.set_mode(Mode.PASS)
+            await core.ping(engine)
+        finally:
+            await engine.dispose()
+
+    with in_front_of(postgres_url) as (proxy, proxied_url):
+        asyncio.run(scenario(proxy, proxied_url))

@@ -7,7 +7,7 @@ with bound parameters, run here, skips that and the per-request statement build
 while staying inside the session's transaction (same connection, same commit or
 rollback), on either backend.
 
-Reads in autocommit (every GET and HEAD session, and /health) go one step
+Reads in autocommit (every GET and HEAD session) go one step
 further on PostgreSQL: asyncpg runs the SQL that SQLAlchemy compiled for the
 statement once, straight on the connection, and its records become dicts.
 That skips SQLAlchemy's execution context, cursor adapter and result objects,
@@ -17,7 +17,8 @@ write's transaction must go through it; so do statements that someone watches
 through SQLAlchemy's cursor events. Errors still take SQLAlchemy's own
 path (translated by the dialect, raised as `DBAPIError`, a lost connection
 invalidated), so every caller sees the same exceptions either way. SQLite runs
-the same statements through Core.
+the same statements through Core. `/health`'s question (`ping`) goes further
+still: a bare pooled connection, no SQLAlchemy Connection around it.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NoReturn
 
+import anyio
 from sqlalchemy import CursorResult, Dialect, Executable, Select, Table, insert
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -87,6 +89,29 @@ def _core_rows(
     connection: Connection, query: Select[Any], params: Mapping[str, Any]
 ) -> list[RowData]:
     return [dict(row) for row in connection.execute(query, params).mappings()]
+
+
+async def ping(engine: AsyncEngine) -> None:
+    """One round trip on a connection from `engine`'s pool: a health check's question.
+
+    On asyncpg the connection is checked out of the pool bare (no Connection, no
+    isolation level to set and reset around it) and asked `SELECT 1` outside any
+    transaction; one that fails or is cancelled mid-question is invalidated, not
+    trusted back into the pool. Elsewhere, the same through Core."""
+    if engine.dialect.driver != "asyncpg":
+        async with engine.connect() as connection:
+            await connection.exec_driver_sql("SELECT 1")
+        return
+    pooled = await greenlet_spawn(engine.sync_engine.raw_connection)
+    try:
+        await pooled.driver_connection.fetchval("SELECT 1")  # type: ignore[union-attr]
+    except BaseException:
+        # Outside a greenlet the adapter terminates at once, where from inside one
+        # it would say goodbye first, and wait on a database that no longer answers.
+        pooled.invalidate()
+        raise
+    with anyio.CancelScope(shield=True):
+        await greenlet_spawn(pooled.close)
 
 
 def _asyncpg_in_autocommit(connection: Connection) -> Any | None:

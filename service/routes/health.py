@@ -17,7 +17,6 @@ from typing import Literal
 
 import anyio
 from pydantic import BaseModel, Field
-from sqlalchemy import literal_column, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
@@ -82,15 +81,13 @@ NO_STORE = {"Cache-Control": "no-store"}
 FAILING = {**NO_STORE, "Retry-After": str(RETRY_AFTER_SECONDS)}
 LIVE_PATH = "/health/live"
 LIVE_BODY = Liveness(status="pass").model_dump_json().encode()
-_PING = select(literal_column("1"))
 
 
 async def _database_answers(engine: AsyncEngine) -> bool:
-    """One round trip: the engine is in autocommit, so no BEGIN/ROLLBACK around it."""
+    """One round trip, outside any transaction: no BEGIN/ROLLBACK around it."""
     try:
         with anyio.fail_after(HEALTH_TIMEOUT_SECONDS):
-            async with engine.connect() as connection:
-                await core.fetch_on(connection, _PING, {})
+            await core.ping(engine)
     except Exception as exc:  # any failure to answer is a "fail", whatever its kind
         logger.warning("health check failed: %s", type(exc).__name__)
         return False
