@@ -11,6 +11,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -42,6 +43,7 @@ from service.pagination import Cursor, PageRequest
 from tests.conftest import make_settings
 from tests.factories import create_conversation, create_message, create_user, user_body
 from tests.proxy import Mode, TcpProxy, in_front_of
+from tests.support import execute
 
 
 def test_reads_and_pages_are_the_bytes_the_public_models_write(client: TestClient) -> None:
@@ -177,6 +179,9 @@ def test_a_read_inside_a_transaction_goes_through_it(postgres_url: str) -> None:
 _SLEEP = select(func.pg_sleep(bindparam("seconds")))
 
 
+_PID = select(func.pg_backend_pid().label("pid"))
+
+
 @pytest.mark.postgres
 def test_driver_reads_fail_as_core_reads_do(postgres_url: str) -> None:
     """A statement timeout and a lost connection raise the DBAPIErrors the service
@@ -184,24 +189,23 @@ def test_driver_reads_fail_as_core_reads_do(postgres_url: str) -> None:
 
     async def scenario() -> None:
         async with _engine(postgres_url) as engine:
-            async with autocommit(engine).connect() as connection:
+            reads = partial(create_sessionmaker(engine), bind=autocommit(engine))
+            async with reads() as session:
                 with pytest.raises(DBAPIError) as timed_out:
-                    await core.fetch_on(connection, _SLEEP, {"seconds": 2.0})
+                    await core.fetch(session, _SLEEP, {"seconds": 2.0})
                 assert getattr(timed_out.value.orig, "sqlstate", None) == "57014"
                 assert not timed_out.value.connection_invalidated
-                assert len(await core.fetch_on(connection, _SLEEP, {"seconds": 0.0})) == 1
+                assert len(await core.fetch(session, _SLEEP, {"seconds": 0.0})) == 1
 
-            async with autocommit(engine).connect() as connection:
-                pid = (await connection.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
-                async with autocommit(engine).connect() as other:
-                    await other.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+            async with reads() as session:
+                pid = (await core.fetch(session, _PID, {}))[0]["pid"]
+                await execute(postgres_url, f"SELECT pg_terminate_backend({pid})")
                 with pytest.raises(DBAPIError) as lost:
-                    await core.fetch_on(connection, _SLEEP, {"seconds": 0.0})
+                    await core.fetch(session, _SLEEP, {"seconds": 0.0})
                 assert lost.value.connection_invalidated
-                assert connection.invalidated
 
-            async with autocommit(engine).connect() as connection:  # the pool recovered
-                assert await core.fetch_on(connection, _SLEEP, {"seconds": 0.0})
+            async with reads() as session:  # the pool recovered
+                assert (await core.fetch(session, _PID, {}))[0]["pid"] != pid
 
     asyncio.run(scenario())
 
@@ -218,13 +222,14 @@ def test_a_client_side_timeout_stays_the_timeout_error_core_gives(postgres_url: 
     async def scenario() -> None:
         settings = make_settings(postgres_url, db_statement_timeout_ms=300, db_pgbouncer=True)
         engine = create_engine(settings)
+        reads = partial(create_sessionmaker(engine), bind=autocommit(engine))
         try:
             for watched in (False, True):
                 if watched:
                     event.listen(engine.sync_engine, "before_cursor_execute", watch)
-                async with autocommit(engine).connect() as connection:
+                async with reads() as session:
                     with pytest.raises(TimeoutError):
-                        await core.fetch_on(connection, _SLEEP, {"seconds": 2.0})
+                        await core.fetch(session, _SLEEP, {"seconds": 2.0})
         finally:
             event.remove(engine.sync_engine, "before_cursor_execute", watch)
             await engine.dispose()
@@ -284,7 +289,8 @@ def test_insert_row_commits_and_rolls_back_with_the_session(settings: Settings) 
                         session, USERS, {**dropped, "email_key": kept["email_key"]}
                     )
             async with sessions() as session:
-                rows = (await core.execute(session, select(USERS), {})).mappings().all()
+                connection = await session.connection()
+                rows = (await connection.execute(select(USERS))).mappings().all()
             return [dict(row) for row in rows], taken.type
         finally:
             await dispose(engine)
@@ -343,3 +349,26 @@ def test_a_ping_returns_its_connection_and_drops_one_it_gave_up_on(postgres_url:
 
     with in_front_of(postgres_url) as (proxy, proxied_url):
         asyncio.run(scenario(proxy, proxied_url))
+
+
+def test_cursor_event_listeners_see_every_read_and_the_insert(client: TestClient) -> None:
+    """Tracing and statement counters hook SQLAlchemy's cursor events: with one
+    listening, the hot paths go through Core so it sees their statements."""
+    statements: list[str] = []
+
+    def record(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement.split(None, 1)[0])
+
+    engine = client.app_state["engine"].sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        user = create_user(client)
+        inserted = list(statements)
+        statements.clear()
+        assert client.get(f"/users/{user['uid']}").status_code == 200
+        assert client.get("/users").status_code == 200
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+    assert "INSERT" in inserted
+    assert statements == ["SELECT", "SELECT"]

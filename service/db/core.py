@@ -1,24 +1,24 @@
-"""Core statements and driver-level reads on a session's own connection, for the hot paths.
+"""Statements built once, run on a session's own connection, for the hot paths.
 
 `session.execute` runs every statement through the ORM's execution layer (its
 compile state, event hooks, result wrapping), which for a single-row INSERT or
-SELECT costs more than building the statement. A statement built once at import
-with bound parameters, run here, skips that and the per-request statement build
-while staying inside the session's transaction (same connection, same commit or
-rollback), on either backend.
+SELECT costs more than the statement. Here a statement compiled once per shape
+runs on the connection of the session's transaction (same commit or rollback).
 
-Reads in autocommit (every GET and HEAD session) go one step
-further on PostgreSQL: asyncpg runs the SQL that SQLAlchemy compiled for the
-statement once, straight on the connection, and its records become dicts.
-That skips SQLAlchemy's execution context, cursor adapter and result objects,
-about a fifth of a read's instructions. Autocommit is the condition because
-the adapter starts a transaction lazily on its first statement: a read inside a
-write's transaction must go through it; so do statements that someone watches
-through SQLAlchemy's cursor events. Errors still take SQLAlchemy's own
-path (translated by the dialect, raised as `DBAPIError`, a lost connection
-invalidated), so every caller sees the same exceptions either way. SQLite runs
-the same statements through Core. `/health`'s question (`ping`) goes further
-still: a bare pooled connection, no SQLAlchemy Connection around it.
+Reads (`fetch`) in autocommit, every GET and HEAD session, go furthest on
+PostgreSQL: asyncpg runs the compiled SQL straight on the connection and its
+records become dicts, skipping SQLAlchemy's execution context, cursor adapter
+and result objects. Autocommit is the condition because the adapter starts a
+transaction lazily on its first statement: a read inside a write's transaction
+must go through it. The INSERT of `insert_row` runs inside a transaction, so
+on the adapter's DB-API cursor (which sends BEGIN). `/health`'s `ping` asks a
+bare pooled connection, with no SQLAlchemy Connection around it.
+
+Whichever path, errors take SQLAlchemy's own way (translated by the dialect,
+raised as `DBAPIError`, a lost connection invalidated), so callers see the same
+exceptions. Reads on SQLite, and every statement on a connection whose cursor
+events someone listens to (tracing, statement counters: they must see each
+one), go through Core.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from functools import lru_cache
 from typing import Any, NoReturn
 
 import anyio
-from sqlalchemy import CursorResult, Dialect, Executable, Select, Table, insert
+from sqlalchemy import Dialect, Select, Table, insert
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -39,14 +39,6 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 RowData = dict[str, Any]
 # SQL text and the order of its parameter names, per statement, as compiled for asyncpg.
 _COMPILED: dict[Select[Any], tuple[str, tuple[str, ...]]] = {}
-
-
-async def execute(
-    session: AsyncSession, statement: Executable, params: Mapping[str, Any]
-) -> CursorResult[Any]:
-    """`statement` with `params` on the connection of `session`'s transaction."""
-    connection = await session.connection()
-    return await connection.execute(statement, params)
 
 
 async def fetch(
@@ -60,14 +52,6 @@ async def fetch(
     # that `session.connection()` would build for every request.
     connection = await session.run_sync(Session.connection)
     return await _fetch(connection, query, params)
-
-
-async def fetch_on(
-    connection: AsyncConnection, query: Select[Any], params: Mapping[str, Any]
-) -> list[RowData]:
-    """`fetch` on a connection rather than a session's (health checks have no session)."""
-    assert connection.sync_connection is not None  # one from connect() has started
-    return await _fetch(connection.sync_connection, query, params)
 
 
 async def _fetch(
@@ -197,6 +181,9 @@ async def insert_row(session: AsyncSession, table: Table, values: Mapping[str, A
 
 def _insert(session: Session, table: Table, values: Mapping[str, Any]) -> None:
     connection = session.connection()
+    if connection.dispatch.before_cursor_execute:  # watched: Core, which tells them
+        connection.execute(insert(table), dict(values))
+        return
     statement = _driver_insert(table, connection.dialect)
     _execute(connection, statement.sql, statement.parameters(values))
 
