@@ -72,9 +72,8 @@ class RequestContextMiddleware:
     Being the outermost layer under the lifespan (`service.app` wraps the
     Starlette app in it), it sees every response, so the request id lands in
     every response header, problem body and log line, and every response is
-    counted. (The
-    metrics live here rather than in a layer of their own, which measured
-    about 1.5 µs a request more, a third of the whole cost.)
+    counted. (The metrics live here rather than in a layer of their own, which
+    measured about 1.5 µs a request more, a third of the whole cost.)
 
     It also answers GET and HEAD /health/live itself, with the route's own bytes,
     logged and counted like any request: liveness proves the event loop answers,
