@@ -6,11 +6,12 @@ import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any, TypedDict
+from typing import Any
 
 from pydantic import TypeAdapter
 from sqlmodel import SQLModel
 from starlette.responses import Response
+from typing_extensions import TypedDict  # pydantic refuses typing's below Python 3.12
 
 from service.pagination import PageRequest, cursor_after
 
