@@ -90,18 +90,24 @@ def page_response(
     shown = rows[: page.limit]
     items = _rows_json(public).dump_json(shown)
     if len(items) - 1 > MAX_PAGE_BYTES:  # each item and its comma, as counted below
-        shown = _within_bound(public, shown)
-        items = b"[%s]" % b",".join(_row_json(public).dump_json(row) for row in shown)
+        kept = _items_within_bound(public, shown)
+        shown = shown[: len(kept)]
+        items = b"[%s]" % b",".join(kept)
     next_cursor = cursor_after(shown[-1], key=key) if len(rows) > len(shown) else None
     body = b'{"items":%s,"next_cursor":%s}' % (items, json.dumps(next_cursor).encode())
     return Response(body, media_type="application/json")
 
 
-def _within_bound(public: type[SQLModel], rows: Sequence[dict[str, Any]]) -> Sequence[Any]:
-    """The first rows whose items, with a comma each, fit in MAX_PAGE_BYTES (at least one)."""
+def _items_within_bound(public: type[SQLModel], rows: Sequence[dict[str, Any]]) -> list[bytes]:
+    """The items of the first rows that, with a comma each, fit in MAX_PAGE_BYTES
+    (at least one)."""
+    write = _row_json(public).dump_json
+    items: list[bytes] = []
     size = 0
-    for count, row in enumerate(rows):
-        size += len(_row_json(public).dump_json(row)) + 1
-        if count and size > MAX_PAGE_BYTES:
-            return rows[:count]
-    return rows
+    for row in rows:
+        item = write(row)
+        size += len(item) + 1
+        if items and size > MAX_PAGE_BYTES:
+            break
+        items.append(item)
+    return items
