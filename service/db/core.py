@@ -102,14 +102,16 @@ def _asyncpg_in_autocommit(connection: Connection) -> Any | None:
     """The asyncpg adapter under `connection` if the driver path may run there: not
     inside a transaction, and nobody listening for SQLAlchemy's cursor events
     (tracing, statement counters), who must see every statement as before."""
-    if (
-        connection.dialect.driver != "asyncpg"
-        or connection.invalidated
-        or connection.dispatch.before_cursor_execute
-    ):
+    if connection.dialect.driver != "asyncpg" or connection.invalidated or _watched(connection):
         return None
     adapted = connection.connection.dbapi_connection
     return adapted if getattr(adapted, "autocommit", False) else None
+
+
+def _watched(connection: Connection) -> bool:
+    """Whether anyone listens for `connection`'s cursor events (tracing, statement
+    counters): they must see every statement, so the hot paths go through Core."""
+    return bool(connection.dispatch.before_cursor_execute)
 
 
 def _compile(query: Select[Any], connection: Connection) -> tuple[str, tuple[str, ...]]:
@@ -181,7 +183,7 @@ async def insert_row(session: AsyncSession, table: Table, values: Mapping[str, A
 
 def _insert(session: Session, table: Table, values: Mapping[str, Any]) -> None:
     connection = session.connection()
-    if connection.dispatch.before_cursor_execute:  # watched: Core, which tells them
+    if _watched(connection):  # Core, which tells the listeners
         connection.execute(insert(table), dict(values))
         return
     statement = _driver_insert(table, connection.dialect)
